@@ -1,0 +1,109 @@
+"""Worked example of the four hooks (plus ``evaluate``): PIDNet on the built-in synthetic
+street scenes, or on Cityscapes / CamVid when ``data_path`` points at one.
+
+Settings live in the config's free-form ``user:`` section; ``USER_DEFAULTS`` lists them.
+Copy this file to adapt the toolkit to another model: each hook is a few lines.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from pidnet.config import Config
+from pidnet.data import CamVid, Cityscapes, SegmentationTransform, SyntheticScenes, detect_dataset
+from pidnet.engine import first_tensor, seed_worker
+from pidnet.errors import ConfigError
+from pidnet.losses import PIDNetLoss
+from pidnet.metrics import ConfusionMatrix
+from pidnet.model import create_model
+
+USER_DEFAULTS: dict[str, Any] = {
+    "model": "pidnet_s",          # pidnet_s | pidnet_m | pidnet_l
+    "batch_size": 8,
+    "eval_batch_size": 8,
+    "workers": 0,
+    "image_size": [128, 256],     # synthetic scenes: rendered size (H, W)
+    "crop_size": [128, 256],      # training crop (H, W)
+    "scale_range": [0.75, 1.5],   # random rescale of the shorter side before cropping
+    "train_images": 400,          # synthetic scenes per split
+    "val_images": 100,
+    "calib_images": 64,
+    "data_seed": 0,               # which synthetic scenes; independent of the training seed
+    "boundary_width": 1,
+    "ohem_min_kept": 20000,
+    "ohem_thresh": 0.9,
+    "class_weights": None,
+}
+_DATASETS = {"cityscapes": Cityscapes, "camvid": CamVid}
+
+
+def settings(cfg: Config) -> dict[str, Any]:
+    """``USER_DEFAULTS`` overridden by ``cfg.user``; an unknown key is an error."""
+    for key in cfg.user:
+        if key not in USER_DEFAULTS:
+            raise ConfigError(f"unknown config key 'user.{key}' for my_model.py; valid keys: "
+                              f"{', '.join(USER_DEFAULTS)}")
+    return {**USER_DEFAULTS, **cfg.user}
+
+
+def num_classes(cfg: Config) -> int:
+    if cfg.data_path is None:
+        return SyntheticScenes.num_classes
+    return _DATASETS[detect_dataset(cfg.data_path)].num_classes
+
+
+def get_model(cfg: Config) -> torch.nn.Module:
+    return create_model(settings(cfg)["model"], num_classes=num_classes(cfg), augment=True)
+
+
+def get_data_loader(cfg: Config, split: str) -> DataLoader:
+    user = settings(cfg)
+    train = split == "train"
+    transform = SegmentationTransform(
+        crop_size=tuple(user["crop_size"]), train=train, scale_range=tuple(user["scale_range"]),
+        boundary_width=user["boundary_width"], base_size=min(user["image_size"]))
+    if cfg.data_path is None:
+        # calib reuses training scenes without augmentation; val scenes are never trained on
+        seed = user["data_seed"] + (1000 if split == "val" else 0)
+        length = user[f"{split}_images"]
+        dataset = SyntheticScenes(length, tuple(user["image_size"]), seed, transform)
+    else:
+        source = _DATASETS[detect_dataset(cfg.data_path)]
+        dataset = source(cfg.data_path, "val" if split == "val" else "train", transform)
+        if split == "calib":
+            dataset = torch.utils.data.Subset(dataset, range(min(len(dataset),
+                                                                 user["calib_images"])))
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    sampler = DistributedSampler(dataset, shuffle=train, seed=cfg.seed) if distributed else None
+    return DataLoader(dataset, batch_size=user["batch_size" if train else "eval_batch_size"],
+                      shuffle=train and sampler is None, sampler=sampler, drop_last=train,
+                      num_workers=user["workers"], worker_init_fn=seed_worker,
+                      persistent_workers=user["workers"] > 0)
+
+
+def get_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum,
+                           weight_decay=cfg.train.weight_decay)
+
+
+def get_criterion(cfg: Config) -> PIDNetLoss:
+    user = settings(cfg)
+    return PIDNetLoss(class_weights=user["class_weights"], ohem_thresh=user["ohem_thresh"],
+                      ohem_min_kept=user["ohem_min_kept"])
+
+
+def evaluate(model: torch.nn.Module, loader: DataLoader, cfg: Config) -> dict[str, float]:
+    """mIoU (percent), pixel accuracy and per-class IoU on ``loader``."""
+    device = next(model.parameters()).device
+    matrix = ConfusionMatrix(num_classes(cfg))
+    for images, targets in loader:
+        logits = first_tensor(model(images.to(device)))
+        matrix.update(logits, targets["label"].to(device))
+    matrix.all_reduce()
+    names = getattr(loader.dataset, "class_names", None) or [
+        str(i) for i in range(matrix.num_classes)]
+    per_class = {f"iou_{n.replace(' ', '_')}": 100.0 * v
+                 for n, v in zip(names, matrix.iou().tolist())}
+    return {**matrix.compute(), **per_class}

@@ -1,0 +1,217 @@
+"""One typed config schema for every script: defaults here, a YAML file over them, ``--set`` last.
+
+Unknown keys and wrong types are ``ConfigError``s that name the key and the closest valid one.
+The free-form ``user`` section is handed to the hooks untouched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class CalibConfig:
+    method: str = "entropy"
+    methods: list[str] = field(default_factory=lambda: ["max", "percentile", "mse", "entropy"])
+    num_batches: int = 16
+    percentile: float = 99.99
+
+
+@dataclass
+class TrainConfig:
+    """Float training (``qat_train.py --mode float``)."""
+
+    epochs: int = 30
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "poly"          # poly | cosine | constant
+    poly_power: float = 0.9
+    log_interval: int = 20
+
+
+@dataclass
+class QatConfig:
+    """Quantization-aware training (``qat_train.py --mode calib|stats|direct``)."""
+
+    epochs: int = 3
+    lr: float = 1e-4
+    schedule: str = "cosine"
+    freeze_bn_epochs: int = 1
+    freeze_ranges_epochs: int = 1
+    log_interval: int = 20
+
+
+@dataclass
+class SensitivityConfig:
+    tolerance: float = 0.5
+    direction: str = "disable_one"  # disable_one | enable_one
+    num_batches: int | None = None
+    output_file: str = "sensitivity_model.pt"
+
+
+@dataclass
+class ExportConfig:
+    opset: int = 17
+    target: str = "tensorrt"        # tensorrt | onnxruntime
+
+
+@dataclass
+class Config:
+    hooks: str = "my_model.py"
+    model_path: str | None = None
+    strict_load: bool = True        # false: load only the tensors whose name and shape match
+    data_path: str | None = None
+    output_dir: str | None = None
+    seed: int = 0
+    device: str = "auto"            # auto | cpu | cuda
+    metric: str | None = None       # name in evaluate()'s dict; null: miou if present, else the first
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    qat: QatConfig = field(default_factory=QatConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    user: dict[str, Any] = field(default_factory=dict)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "device": ("auto", "cpu", "cuda"),
+    "train.schedule": ("poly", "cosine", "constant"),
+    "qat.schedule": ("poly", "cosine", "constant"),
+    "calib.method": ("max", "percentile", "mse", "entropy"),
+    "sensitivity.direction": ("disable_one", "enable_one"),
+    "export.target": ("tensorrt", "onnxruntime"),
+}
+# The original README's flat keys and where they live now.
+LEGACY_KEYS: dict[str, str] = {"tolerance": "sensitivity.tolerance",
+                               "output_file": "sensitivity.output_file"}
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}' must be {_describe(hint)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        return [_check_type(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"config key '{key}' must be {_describe(hint)}, got {value!r}")
+    return value
+
+
+def _describe(hint: Any) -> str:
+    names = [getattr(a, "__name__", str(a)) for a in (typing.get_args(hint) or (hint,))]
+    words = {"NoneType": "null", "int": "an integer", "float": "a number", "str": "a string",
+             "bool": "true or false", "list": "a list", "dict": "a mapping"}
+    return " or ".join(words.get(n, n) for n in names)
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}'"
+                              + _suggest(full, [f"{prefix}{n}" for n in names]))
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full}' must be a section (mapping), got {value!r}")
+            kwargs[key] = _build(hint, value, f"{full}.")
+        else:
+            kwargs[key] = _check_type(value, hint, full)
+            if full in CHOICES and kwargs[key] not in CHOICES[full]:
+                raise ConfigError(f"config key '{full}' must be one of "
+                                  f"{', '.join(CHOICES[full])}, got {value!r}")
+    return cls(**kwargs)
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set needs KEY=VALUE, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path``, then each ``KEY=VALUE`` of ``overrides``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, "
+                              f"not a {type(loaded).__name__}")
+        data = loaded or {}
+    for legacy, new in LEGACY_KEYS.items():
+        if legacy in data:
+            _set_path(data, new, data.pop(legacy))
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        _set_path(data, LEGACY_KEYS.get(key, key), value)
+    return _build(Config, data)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain data (for YAML, JSON and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML, so the run can be reproduced from its folder."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

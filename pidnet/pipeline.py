@@ -1,0 +1,78 @@
+"""Start-up steps every script shares: config, run folder, hooks, device, model, evaluation."""
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .checkpoint import load_weights
+from .config import Config, config_to_dict, load_config, save_config
+from .engine import mean_loss, resolve_device, seed_everything
+from .hooks import Hooks, load_hooks
+from .reports import prepare_output_dir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    """What a script needs once its inputs are checked."""
+
+    cfg: Config
+    out: Path
+    hooks: Hooks
+    device: torch.device
+
+
+def start_session(args: argparse.Namespace, default_output: str, resume: bool = False,
+                  force: bool = False) -> Session:
+    """Resolve the config, check the hooks, prepare the run folder and seed everything.
+
+    Inputs are all checked before the run folder is touched, so bad input changes nothing.
+    """
+    cfg = load_config(args.config, args.set)
+    if cfg.output_dir is None:
+        cfg.output_dir = default_output
+    hooks = load_hooks(cfg.hooks)
+    device = resolve_device(cfg.device)
+    out = prepare_output_dir(cfg.output_dir, resume=resume, force=force)
+    for item in args.set:
+        logger.info("override: %s", item)
+    logger.info("config: %s", config_to_dict(cfg))
+    save_config(cfg, out / "config.yaml")
+    seed_everything(cfg.seed)
+    return Session(cfg, out, hooks, device)
+
+
+def build_model(session: Session, weights: str | None = None) -> nn.Module:
+    """The hooks' model, with ``weights`` (default: ``model_path``) loaded through the
+    reported loader, on the session's device."""
+    cfg = session.cfg
+    model = session.hooks.get_model(cfg)
+    path = weights if weights is not None else cfg.model_path
+    if path is not None and not session.hooks.model_loads_itself:
+        load_weights(model, path, strict=cfg.strict_load)
+    return model.to(session.device)
+
+
+def build_criterion(session: Session) -> Callable[[Any, Any], torch.Tensor]:
+    criterion = session.hooks.get_criterion(session.cfg)
+    if isinstance(criterion, nn.Module):
+        criterion = criterion.to(session.device)
+    return criterion
+
+
+def evaluate_model(session: Session, model: nn.Module, loader: Iterable,
+                   criterion: Callable[[Any, Any], torch.Tensor]) -> dict[str, float]:
+    """The hooks' ``evaluate`` when defined, else the mean criterion loss; never trains."""
+    model.eval()
+    with torch.no_grad():
+        if session.hooks.has_evaluate:
+            return session.hooks.evaluate(model, loader, session.cfg)
+        return mean_loss(model, loader, criterion, session.device)

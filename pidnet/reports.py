@@ -1,0 +1,75 @@
+"""Run folders and the files written into them: results.json, CSV tables, printed tables."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+FINISHED_MARKER = "results.json"
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` through a temporary file and a rename: readers never see a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """All ``rows`` as one CSV, rewritten whole (so a restart never leaves half a line)."""
+    buffer = io.StringIO()
+    fields: list[str] = []
+    for row in rows:
+        fields += [k for k in row if k not in fields]
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buffer.getvalue())
+
+
+def prepare_output_dir(path: str | Path, resume: bool = False, force: bool = False) -> Path:
+    """Make the run folder; refuse to overwrite a finished or started run unless told to."""
+    path = Path(path)
+    started = (path / "last.pt").exists()
+    finished = (path / FINISHED_MARKER).exists()
+    if resume:
+        if not started:
+            raise InputError(f"nothing to resume: {path / 'last.pt'} does not exist")
+    elif (started or finished) and not force:
+        raise InputError(f"output_dir {path} already holds a run; pass --resume to continue it, "
+                         "--force to overwrite it, or set another output_dir")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A plain fixed-width text table; floats with two decimals."""
+    def cell(v: Any) -> str:
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    table = [list(columns)] + [[cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
