@@ -8,10 +8,12 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -53,9 +55,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} was refused: it is not plain tensor data ({first[:160]})")
-    except Exception as exc:  # zip errors, truncated files, text files ...
+        unsafe = re.search(r"GLOBAL (\S+)", str(exc))
+        if unsafe:
+            raise CheckpointError(f"{path} was refused: loading it would run code "
+                                  f"({unsafe.group(1)}); a checkpoint must be plain tensor data"
+                                  ) from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint; point model_path at a "
+                              ".pt/.pth file saved with torch.save") from None
+    except Exception as exc:  # zip errors, truncated files ...
         raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(exc).__name__}); "
                               "point model_path at a .pt/.pth file") from None
     if not isinstance(obj, dict):
@@ -74,9 +81,11 @@ class LoadReport:
     dropped: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"loaded {len(self.loaded)}, missing {len(self.missing)}, "
-                f"unexpected {len(self.unexpected)}, shape-mismatched {len(self.mismatched)}"
-                + (f", dropped {len(self.dropped)} training-wrapper buffers" if self.dropped else ""))
+        text = (f"loaded {len(self.loaded)}, missing {len(self.missing)}, "
+                f"unexpected {len(self.unexpected)}, shape-mismatched {len(self.mismatched)}")
+        if self.dropped:
+            text += f", dropped {len(self.dropped)} training-wrapper buffers"
+        return text
 
 
 def extract_state_dict(obj: Mapping[str, Any], model_keys: set[str] | None = None

@@ -74,7 +74,7 @@ class Config:
     output_dir: str | None = None
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda
-    metric: str | None = None       # name in evaluate()'s dict; null: miou if present, else the first
+    metric: str | None = None       # key of evaluate()'s dict; null: miou if present, else first
     calib: CalibConfig = field(default_factory=CalibConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     qat: QatConfig = field(default_factory=QatConfig)

@@ -114,7 +114,7 @@ class PIDNetLoss(nn.Module):
         if isinstance(outputs, torch.Tensor):
             return self._ce(_upsample(outputs, size), label)
         if len(outputs) != 3:
-            raise ValueError(f"PIDNetLoss expects 3 outputs [p, main, boundary], got {len(outputs)}")
+            raise ValueError(f"PIDNetLoss expects [p, main, boundary], got {len(outputs)} outputs")
         p_logits, main_logits, bd_logits = (_upsample(o, size) for o in outputs)
         loss = self.aux_weight * self._ce(p_logits, label)
         loss = loss + self.main_weight * self.main_loss(main_logits, label)

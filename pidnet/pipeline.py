@@ -6,7 +6,8 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -14,6 +15,7 @@ from torch import nn
 from .checkpoint import load_weights
 from .config import Config, config_to_dict, load_config, save_config
 from .engine import mean_loss, resolve_device, seed_everything
+from .errors import CheckpointError, DataError
 from .hooks import Hooks, load_hooks
 from .reports import prepare_output_dir
 
@@ -41,6 +43,11 @@ def start_session(args: argparse.Namespace, default_output: str, resume: bool = 
         cfg.output_dir = default_output
     hooks = load_hooks(cfg.hooks)
     device = resolve_device(cfg.device)
+    if cfg.data_path is not None and not Path(cfg.data_path).exists():
+        raise DataError(f"data_path {cfg.data_path} does not exist; fix it, or set it to null "
+                        "for the built-in synthetic scenes")
+    if cfg.model_path is not None and not Path(cfg.model_path).is_file():
+        raise CheckpointError(f"model_path {cfg.model_path} does not exist")
     out = prepare_output_dir(cfg.output_dir, resume=resume, force=force)
     for item in args.set:
         logger.info("override: %s", item)

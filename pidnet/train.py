@@ -1,4 +1,4 @@
-"""``qat_train.py``: float training (``--mode float``), the baseline that the QAT modes start from."""
+"""``qat_train.py``: float training (``--mode float``), the baseline the QAT modes start from."""
 from __future__ import annotations
 
 import argparse

@@ -1,0 +1,33 @@
+"""Shared helpers for the script-level tests: a tiny run config and a subprocess runner."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY_USER = {"image_size": [64, 64], "crop_size": [64, 64], "batch_size": 4,
+             "eval_batch_size": 4, "train_images": 8, "val_images": 4, "calib_images": 4,
+             "ohem_min_kept": 1000}
+
+
+def tiny_config(tmp_path: Path, **overrides) -> Path:
+    """A config for a seconds-long run of PIDNet-S on 64x64 synthetic scenes."""
+    cfg = {"hooks": str(ROOT / "my_model.py"), "output_dir": str(tmp_path / "run"),
+           "device": "cpu", "train": {"epochs": 2, "lr": 0.01, "log_interval": 0},
+           "user": dict(TINY_USER)}
+    for key, value in overrides.items():
+        cfg[key] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_script(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)

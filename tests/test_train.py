@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pidnet.checkpoint import read_checkpoint
+from pidnet.train import main
+
+from .helpers import ROOT, run_script, tiny_config
+
+
+def test_float_training_writes_everything(tmp_path, capsys):
+    cfg = tiny_config(tmp_path)
+    assert main(["--mode", "float", "--config", str(cfg)]) == 0
+    run = tmp_path / "run"
+    assert capsys.readouterr().out.strip().endswith(str(run / "results.json"))
+    results = json.loads((run / "results.json").read_text())
+    assert results["metric"] == "miou" and len(results["epochs"]) == 2
+    assert 0.0 <= results["best"] <= 100.0
+    assert results["best"] == max(e["miou"] for e in results["epochs"])
+    last = read_checkpoint(run / "last.pt")
+    assert last["epoch"] == 2 and last["format_version"] == 1 and last["mode"] == "float"
+    assert read_checkpoint(run / "best.pt")["best_metric"] == results["best"]
+    assert (run / "epochs.csv").read_text().count("\n") == 3
+    assert "lr: 0.01" in (run / "config.yaml").read_text()
+
+
+def test_finished_run_is_not_overwritten(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, train={"epochs": 1, "log_interval": 0})
+    assert main(["--mode", "float", "--config", str(cfg)]) == 0
+    before = (tmp_path / "run" / "results.json").read_bytes()
+    assert main(["--mode", "float", "--config", str(cfg)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (tmp_path / "run" / "results.json").read_bytes() == before
+
+
+def _state(path):
+    return read_checkpoint(path)["model"]
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
+    ref_dir.mkdir(), cut_dir.mkdir()
+    train = {"epochs": 3, "lr": 0.01, "log_interval": 0}
+    ref_cfg = tiny_config(ref_dir, train=train)
+    cut_cfg = tiny_config(cut_dir, train=train)
+    assert run_script("qat_train.py", "--mode", "float", "--config", str(ref_cfg)).returncode == 0
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "qat_train.py"), "--mode", "float",
+                             "--config", str(cut_cfg)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    last = cut_dir / "run" / "last.pt"
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last.exists() and not (cut_dir / "run" / "results.json").exists()
+    assert read_checkpoint(last)["epoch"] < 3
+    done = run_script("qat_train.py", "--mode", "float", "--config", str(cut_cfg), "--resume")
+    assert done.returncode == 0, done.stderr
+    ref, cut = _state(ref_dir / "run" / "last.pt"), _state(last)
+    assert all(torch.allclose(ref[k].float(), cut[k].float(), atol=1e-6) for k in ref)
+    ref_hist = json.loads((ref_dir / "run" / "results.json").read_text())["epochs"]
+    cut_hist = json.loads((cut_dir / "run" / "results.json").read_text())["epochs"]
+    assert [e["miou"] for e in ref_hist] == pytest.approx([e["miou"] for e in cut_hist])
+    leftovers = [p.name for p in (cut_dir / "run").iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_non_finite_loss_stops_with_clear_error(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, train={"epochs": 1, "lr": 1e30, "log_interval": 0})
+    assert main(["--mode", "float", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "loss is" in err and "learning rate" in err
+    assert not (tmp_path / "run" / "results.json").exists()
