@@ -27,6 +27,18 @@ class CalibConfig:
 
 
 @dataclass
+class QuantConfig:
+    """Where fake-quant modules go and how many bits they use."""
+
+    weight_bits: int = 8            # per output channel when per_channel
+    act_bits: int = 8               # per tensor
+    per_channel: bool = True
+    residual: bool = True           # skip input of residual adds, inputs of the gated fusions
+    exclude: list[str] = field(default_factory=list)   # layers kept float: exact names or globs
+    num_bins: int = 2048            # histogram bins for activation statistics
+
+
+@dataclass
 class TrainConfig:
     """Float training (``qat_train.py --mode float``)."""
 
@@ -75,6 +87,7 @@ class Config:
     seed: int = 0
     device: str = "auto"            # auto | cpu | cuda
     metric: str | None = None       # key of evaluate()'s dict; null: miou if present, else first
+    quant: QuantConfig = field(default_factory=QuantConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     qat: QatConfig = field(default_factory=QatConfig)

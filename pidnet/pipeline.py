@@ -83,3 +83,27 @@ def evaluate_model(session: Session, model: nn.Module, loader: Iterable,
         if session.hooks.has_evaluate:
             return session.hooks.evaluate(model, loader, session.cfg)
         return mean_loss(model, loader, criterion, session.device)
+
+
+def save_quantized(path: Path, model: nn.Module, cfg: Config, **info: Any) -> Path:
+    """A quantized model as a plain checkpoint: weights and ranges plus modelopt's state."""
+    from . import quant
+
+    from .checkpoint import save_checkpoint
+    return save_checkpoint({"kind": "quantized", "model": model.state_dict(),
+                            "modelopt_state": quant.quant_state(model),
+                            "config": config_to_dict(cfg), **info}, path)
+
+
+def load_quantized(session: Session, path: str | Path) -> nn.Module:
+    """The hooks' model with the quantizers, weights and ranges of a quantized checkpoint."""
+    from . import quant
+
+    from .checkpoint import read_checkpoint
+    ckpt = read_checkpoint(path)
+    if ckpt.get("kind") != "quantized" or "modelopt_state" not in ckpt:
+        raise CheckpointError(f"{path} is not a quantized checkpoint (no modelopt state); "
+                              "make one with calibrate.py or qat_train.py")
+    model = session.hooks.get_model(session.cfg)
+    model = quant.restore_quantized(model, ckpt["modelopt_state"], ckpt["model"])
+    return model.to(session.device)

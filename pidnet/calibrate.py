@@ -1,0 +1,102 @@
+"""``calibrate.py``: post-training quantization, each calibration method side by side.
+
+Statistics are collected once over ``calib.num_batches`` batches of the calib split; every
+method in ``calib.methods`` computes its ranges from them and is evaluated on the val split.
+The best method's quantized model is saved as ``quantized.pt``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import quant
+from .calib import METHODS
+from .cli import base_parser, run_cli
+from .config import Config
+from .engine import pick_metric
+from .errors import ConfigError, QualityGateError
+from .pipeline import (Session, build_criterion, build_model, evaluate_model, save_quantized,
+                       start_session)
+from .reports import format_table, write_json
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = base_parser("Post-training quantization: compare calibration methods.")
+    parser.add_argument("--fail-below", type=float, default=None, metavar="X",
+                        help="exit with status 3 when the best method's metric is below X")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite an output_dir that already holds results")
+    return parser
+
+
+def calibrated_model(session: Session, float_model: nn.Module, loader: Any
+                     ) -> tuple[nn.Module, dict[str, quant.ActivationStats | None], float]:
+    """A fake-quant copy of ``float_model`` with statistics collected once; seconds taken."""
+    cfg = session.cfg
+    model = quant.insert_quantizers(copy.deepcopy(float_model), cfg.quant, cfg.export.target)
+    start = time.perf_counter()
+    stats = quant.collect_stats(model, loader, session.device, cfg.calib.num_batches,
+                                cfg.quant.num_bins)
+    return model.to(session.device), stats, time.perf_counter() - start
+
+
+def _check_methods(cfg: Config) -> None:
+    bad = [m for m in cfg.calib.methods if m not in METHODS]
+    if bad or not cfg.calib.methods:
+        raise ConfigError(f"calib.methods: {', '.join(bad) or 'empty'} invalid; choose from "
+                          f"{', '.join(METHODS)}")
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    session = start_session(args, default_output="runs/calibrate", force=args.force)
+    cfg, out = session.cfg, session.out
+    _check_methods(cfg)
+    float_model = build_model(session)
+    criterion = build_criterion(session)
+    val_loader = session.hooks.get_data_loader(cfg, "val")
+    calib_loader = session.hooks.get_data_loader(cfg, "calib")
+
+    float_metrics = evaluate_model(session, float_model, val_loader, criterion)
+    name, higher = pick_metric(float_metrics, cfg.metric)
+    logger.info("float %s %.2f", name, float_metrics[name])
+    model, stats, stats_seconds = calibrated_model(session, float_model, calib_loader)
+
+    rows: list[dict[str, Any]] = []
+    uncalibrated: dict[str, list[str]] = {}
+    for method in cfg.calib.methods:
+        start = time.perf_counter()
+        uncalibrated[method] = quant.apply_ranges(model, stats, method, cfg.calib.percentile)
+        seconds = stats_seconds + time.perf_counter() - start
+        metrics = evaluate_model(session, model, val_loader, criterion)
+        rows.append({"method": method, name: metrics[name],
+                     "drop": float_metrics[name] - metrics[name],
+                     "calib_seconds": round(seconds, 2), "metrics": metrics})
+        logger.info("%s: %s %.2f (float %.2f)", method, name, metrics[name], float_metrics[name])
+
+    best = (max if higher else min)(rows, key=lambda r: r[name])
+    quant.apply_ranges(model, stats, best["method"], cfg.calib.percentile)
+    checkpoint = save_quantized(out / "quantized.pt", model, cfg, method=best["method"],
+                                metric=name, value=best[name])
+    table = [{"method": "float", name: float_metrics[name], "drop": 0.0}] + rows
+    print(format_table(table, ["method", name, "drop", "calib_seconds"]))
+    results = {"script": "calibrate", "metric": name, "float": float_metrics,
+               "methods": rows, "best_method": best["method"], "best": best[name],
+               "uncalibrated_quantizers": uncalibrated, "statistics_seconds": stats_seconds,
+               "calib_batches": cfg.calib.num_batches, "checkpoint": str(checkpoint)}
+    print(write_json(out / "results.json", results))
+    if args.fail_below is not None and best[name] < args.fail_below:
+        raise QualityGateError(f"best {name} {best[name]:.2f} ({best['method']}) is below "
+                               f"--fail-below {args.fail_below}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_calibrate, build_parser(), argv)

@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pidnet import quant
+from pidnet.config import QuantConfig
+from pidnet.errors import CheckpointError
+from pidnet.model import Add, create_model
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.add = Add()
+
+    def forward(self, x):
+        return self.add(self.conv1(x), x)
+
+
+class TinyNet(nn.Module):
+    """conv1 -> relu -> layer1 (a residual block whose conv is also named conv1) -> head;
+    ``unused`` is never called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.layer1 = nn.Sequential(Block())
+        self.head = nn.Conv2d(4, 2, 1)
+        self.unused = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.layer1(self.relu(self.conv1(x))))
+
+
+def _quantized(**overrides) -> nn.Module:
+    torch.manual_seed(0)
+    return quant.insert_quantizers(TinyNet().eval(), QuantConfig(**overrides))
+
+
+def _fq(x, amax, levels=127):
+    """Hand-written symmetric fake quantization; ``amax`` broadcasts (per tensor or channel)."""
+    scale = amax / levels
+    return torch.clamp(torch.round(x / scale), -levels, levels) * scale
+
+
+def test_quantized_net_equals_hand_written_fake_quant():
+    model = _quantized()
+    x = torch.randn(2, 3, 8, 8)
+    stats = quant.collect_stats(model, [(x, None)], torch.device("cpu"))
+    assert quant.apply_ranges(model, stats, "max") == ["unused.input_quantizer"]
+    with torch.no_grad():
+        got = model(x)
+        ref = TinyNet()
+        ref.load_state_dict({k: v for k, v in model.state_dict().items() if "quantizer" not in k})
+
+        def conv(layer, inp, amax=None):
+            w = layer.weight
+            w_amax = w.abs().amax(dim=(1, 2, 3), keepdim=True)
+            inp = inp if amax is None else _fq(inp, amax)
+            return nn.functional.conv2d(inp, _fq(w, w_amax), layer.bias, padding=layer.padding)
+
+        # calibration sees float activations through fake-quantized weights
+        h_cal = torch.relu(conv(ref.conv1, x))
+        amax_x, amax_h = x.abs().max(), h_cal.abs().max()
+        amax_y = (conv(ref.layer1[0].conv1, h_cal) + h_cal).abs().max()
+
+        h = torch.relu(conv(ref.conv1, x, amax_x))
+        y = conv(ref.layer1[0].conv1, h, amax_h) + _fq(h, amax_h)   # skip input quantized
+        expected = conv(ref.head, y, amax_y)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_uncalibrated_quantizer_is_reported_and_left_float():
+    model = _quantized()
+    stats = quant.collect_stats(model, [(torch.randn(1, 3, 8, 8), None)], torch.device("cpu"))
+    assert stats["unused.input_quantizer"] is None
+    assert quant.apply_ranges(model, stats, "entropy") == ["unused.input_quantizer"]
+    assert not model.unused.input_quantizer.is_enabled
+    amaxes = [q.amax for n, q in quant.quantizers(model).items() if q.is_enabled]
+    assert all(torch.isfinite(a).all() and (a > 0).all() for a in amaxes)
+
+
+def test_exclusion_by_exact_name_does_not_catch_nested_namesakes():
+    model = _quantized(exclude=["conv1"])
+    assert not model.conv1.input_quantizer.is_enabled
+    assert not model.conv1.weight_quantizer.is_enabled
+    assert model.layer1[0].conv1.input_quantizer.is_enabled
+    model = _quantized(exclude=["*.conv1"])
+    assert model.conv1.input_quantizer.is_enabled
+    assert not model.layer1[0].conv1.input_quantizer.is_enabled
+    with pytest.raises(ValueError, match="conv9"):
+        _quantized(exclude=["conv9"])
+
+
+def test_residual_quantizer_is_switchable():
+    assert "layer1.0.add" in quant.layer_quantizers(_quantized(residual=True))
+    assert "layer1.0.add" not in quant.layer_quantizers(_quantized(residual=False))
+
+
+def test_execution_order():
+    order = quant.execution_order(_quantized(), torch.randn(1, 3, 8, 8))
+    assert order == ["conv1", "layer1.0.conv1", "layer1.0.add", "head", "unused"]
+
+
+def test_context_manager_restores_state_even_after_an_exception():
+    model = _quantized()
+    before = {n: q.is_enabled for n, q in quant.quantizers(model).items()}
+    with pytest.raises(RuntimeError, match="boom"):
+        with quant.layers_enabled(model, ["layer1.0.conv1", "head"], enabled=False):
+            assert not model.head.input_quantizer.is_enabled
+            assert not model.layer1[0].conv1.weight_quantizer.is_enabled
+            assert model.conv1.input_quantizer.is_enabled
+            raise RuntimeError("boom")
+    assert {n: q.is_enabled for n, q in quant.quantizers(model).items()} == before
+    with pytest.raises(KeyError, match="nope"):
+        with quant.layers_enabled(model, ["nope"], enabled=True):
+            pass
+
+
+def test_save_and_restore_give_identical_outputs():
+    torch.manual_seed(0)
+    model = quant.insert_quantizers(create_model("pidnet_s", num_classes=3, augment=False).eval(),
+                                    QuantConfig(exclude=["final_layer.conv2"]))
+    x = torch.randn(1, 3, 64, 64)
+    quant.apply_ranges(model, quant.collect_stats(model, [(x, None)], torch.device("cpu")),
+                       "percentile")
+    state, weights = quant.quant_state(model), model.state_dict()
+    restored = quant.restore_quantized(create_model("pidnet_s", 3, augment=False).eval(), state,
+                                       weights)
+    assert not restored.final_layer.conv2.input_quantizer.is_enabled
+    with torch.no_grad():
+        assert torch.equal(model(x), restored(x))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        quant.restore_quantized(create_model("pidnet_s", 5, augment=False), state, weights)
