@@ -13,7 +13,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from . import quant
