@@ -56,10 +56,13 @@ class QatConfig:
     """Quantization-aware training (``qat_train.py --mode calib|stats|direct``)."""
 
     epochs: int = 3
-    lr: float = 1e-4
+    lr: float = 2e-4                # about 1% of the float learning rate (NVIDIA's recipe)
     schedule: str = "cosine"
-    freeze_bn_epochs: int = 1
-    freeze_ranges_epochs: int = 1
+    freeze_bn_epochs: int = 1       # last epochs with batch-norm statistics frozen
+    freeze_ranges_epochs: int = 1   # last epochs with activation ranges frozen (stats, direct)
+    range_momentum: float = 0.9     # stats: moving-average momentum of the tracked ranges
+    direct_init_amax: float = 4.0   # direct: data-free starting range of every activation
+    range_lr_scale: float = 10.0    # direct: learning rate of the ranges / qat.lr
     log_interval: int = 20
 
 

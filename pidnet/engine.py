@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from .distributed import is_main
 from .errors import ConfigError, TrainingError
 
 logger = logging.getLogger(__name__)
@@ -78,23 +79,25 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
 def _progress(iterable: Iterable, desc: str) -> Iterable:
     """A tqdm bar on an interactive terminal of the main process, the bare iterable otherwise."""
-    disable = not sys.stderr.isatty() or not is_main_process()
+    disable = not sys.stderr.isatty() or not is_main()
     return tqdm(iterable, desc=desc, leave=False, disable=disable, dynamic_ncols=True)
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, criterion: Callable[[Any, Any], Any],
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-                    log_interval: int = 20) -> dict[str, float]:
+                    log_interval: int = 20, freeze_bn: bool = False,
+                    after_backward: Callable[[], None] | None = None) -> dict[str, float]:
     """One pass over ``loader``; the scheduler steps per iteration. Raises ``TrainingError`` on
-    a non-finite loss so the caller keeps the last good checkpoint."""
+    a non-finite loss so the caller keeps the last good checkpoint. ``freeze_bn`` keeps batch
+    norm layers on their running statistics (as QAT does for its last epochs)."""
     model.train()
+    if freeze_bn:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
     total, count, images = 0.0, 0, 0
     start = time.perf_counter()
     for step, (inputs, targets) in enumerate(_progress(loader, f"epoch {epoch}")):
@@ -105,6 +108,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: Callable[[Any
                                 "learning rate or check the data (last good checkpoint kept)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if after_backward is not None:
+            after_backward()
         optimizer.step()
         if scheduler is not None:
             scheduler.step()

@@ -14,6 +14,7 @@ from torch import nn
 
 from .checkpoint import load_weights
 from .config import Config, config_to_dict, load_config, save_config
+from .distributed import init_from_env, is_main, rank
 from .engine import mean_loss, resolve_device, seed_everything
 from .errors import CheckpointError, DataError
 from .hooks import Hooks, load_hooks
@@ -49,11 +50,13 @@ def start_session(args: argparse.Namespace, default_output: str, resume: bool = 
     if cfg.model_path is not None and not Path(cfg.model_path).is_file():
         raise CheckpointError(f"model_path {cfg.model_path} does not exist")
     out = prepare_output_dir(cfg.output_dir, resume=resume, force=force)
-    for item in args.set:
-        logger.info("override: %s", item)
-    logger.info("config: %s", config_to_dict(cfg))
-    save_config(cfg, out / "config.yaml")
-    seed_everything(cfg.seed)
+    device = init_from_env(device)
+    if is_main():
+        for item in args.set:
+            logger.info("override: %s", item)
+        logger.info("config: %s", config_to_dict(cfg))
+        save_config(cfg, out / "config.yaml")
+    seed_everything(cfg.seed + rank())
     return Session(cfg, out, hooks, device)
 
 

@@ -304,3 +304,132 @@ def restore_quantized(model: nn.Module, modelopt_state: dict[str, Any],
                               f"{len(mismatched)} mismatched keys, e.g. {', '.join(bad)})")
     model.load_state_dict(state_dict)
     return model
+
+
+def merge_stats(stats: dict[str, ActivationStats | None]) -> dict[str, ActivationStats | None]:
+    """Sum statistics over all processes of the default group (no-op when not distributed).
+
+    Ranks grow their histograms independently, so each rank's counts are moved onto a common
+    grid (the widest range seen by any rank, ``len`` bins of the finest width that covers it)
+    before summing; a count moves by less than one bin of the common grid.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return stats
+    names = sorted(stats)
+    local = torch.tensor([[s.abs_max if s else 0.0, float(s.edges[-1]) if s else 0.0,
+                           len(s.counts) if s else 0] for s in (stats[n] for n in names)],
+                         dtype=torch.float64)
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    table = torch.stack(gathered)                       # (ranks, quantizers, 3)
+    merged: dict[str, ActivationStats | None] = {}
+    for i, name in enumerate(names):
+        abs_max = float(table[:, i, 0].max())
+        top = float(table[:, i, 1].max())
+        bins = int(table[:, i, 2].max())
+        counts = torch.zeros(max(bins, 1), dtype=torch.float64)
+        s = stats[name]
+        if s is not None and top > 0:
+            centers = (s.edges[1:] + s.edges[:-1]) / 2
+            index = torch.clamp((centers / (top / bins)).long(), max=bins - 1)
+            counts.index_add_(0, index, s.counts)
+        dist.all_reduce(counts)
+        merged[name] = None if top <= 0 else ActivationStats(
+            counts, torch.arange(bins + 1, dtype=torch.float64) * (top / bins), abs_max)
+    return merged
+
+
+# --------------------------------------------------------------------------- QAT ranges
+class RangeTracker:
+    """``stats`` mode: during training, every activation quantizer's amax follows the data by
+    an exponential moving average of the batch's max |x|, until ``freeze()``."""
+
+    def __init__(self, model: nn.Module, momentum: float = 0.9) -> None:
+        self.momentum = momentum
+        self.frozen = False
+        self._handles = [q.register_forward_pre_hook(self._update)
+                         for q in activation_quantizers(model).values()]
+
+    @torch.no_grad()
+    def _update(self, q: TensorQuantizer, args: tuple) -> None:
+        if self.frozen or not q.training or q.amax is None:
+            return
+        batch_max = args[0].detach().abs().max().to(q.amax)
+        if batch_max > 0:
+            q.amax = self.momentum * q.amax + (1 - self.momentum) * batch_max
+
+    def freeze(self) -> None:
+        self.frozen = True
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _bounds(q: TensorQuantizer) -> tuple[float, float]:
+    top = 2.0 ** (q.num_bits - 1 + int(bool(q.unsigned))) - 1.0
+    bottom = 0.0 if q.unsigned else (-top if q.narrow_range else -top - 1.0)
+    return bottom, top
+
+
+class _RangeRef:
+    """Holds a quantizer's learnable amax outside its state dict (the state dict keeps the
+    static ``_amax`` buffer, so checkpoints load into plain quantizers)."""
+
+    def __init__(self, param: nn.Parameter) -> None:
+        self.param = param
+
+
+class LearnedRangeQuantizer(TensorQuantizer):
+    """A TensorQuantizer whose per-tensor range is learned by gradient (LSQ, Esser et al. 2020).
+
+    The learned parameter is the step size ``amax / top`` (LSQ's parameterisation, so it
+    learns at the rate of the weights); its gradient is scaled by ``1/sqrt(numel * top)``.
+    The input gets the clipped straight-through gradient, and the fake quantization is
+    modelopt's (scale ``top / amax``, same bounds). The static ``_amax`` buffer mirrors the
+    learned value, so export and checkpoints see a plain quantizer.
+    """
+
+    _range: _RangeRef
+    # the learned parameter lives in the optimizer, not in modelopt's saved state
+    _skip_properties_for_save_restore = TensorQuantizer._skip_properties_for_save_restore | {
+        "_range"}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._disabled or not self._if_quant:
+            return super().forward(x)
+        bottom, top = _bounds(self)
+        step = self._range.param.abs().clamp(min=1e-6)
+        with torch.no_grad():
+            self._amax.copy_((step.detach() * top).reshape(self._amax.shape))
+        grad_scale = 1.0 / math.sqrt(x.numel() * top)
+        step = (step - step * grad_scale).detach() + step * grad_scale
+        v = torch.clamp(x / step, bottom, top)
+        v = (torch.round(v) - v).detach() + v
+        return v * step
+
+
+def make_ranges_learnable(model: nn.Module, init_amax: float) -> list[nn.Parameter]:
+    """``direct`` mode: every enabled activation quantizer learns its range. Ranges already
+    set (e.g. on resume) are kept; others start at ``init_amax`` (no data needed)."""
+    params = []
+    for _name, q in sorted(activation_quantizers(model).items()):
+        if q.amax is None:
+            q.amax = torch.tensor(init_amax)
+        top = _bounds(q)[1]
+        param = nn.Parameter(q.amax.detach().clone().reshape(()).float() / top)
+        q.__class__ = LearnedRangeQuantizer
+        q._range = _RangeRef(param)
+        params.append(param)
+    return params
+
+
+def make_ranges_static(model: nn.Module) -> None:
+    """Turn learned ranges back into plain quantizers holding the learned amax."""
+    for q in quantizers(model).values():
+        if isinstance(q, LearnedRangeQuantizer):
+            q.amax = q._range.param.detach().abs().clamp(min=1e-6) * _bounds(q)[1]
+            del q._range
+            q.__class__ = TensorQuantizer

@@ -1,26 +1,47 @@
-"""``qat_train.py``: float training (``--mode float``), the baseline the QAT modes start from."""
+"""``qat_train.py``: float training and the three quantization-aware training approaches.
+
+``--mode float``   trains the float model (the baseline the QAT modes start from).
+``--mode calib``   collects statistics, calibrates (``calib.method``), freezes the ranges, trains.
+``--mode stats``   collects statistics; the raw observed ranges start the run and follow the
+                   data by moving average, frozen for the last ``qat.freeze_ranges_epochs``.
+``--mode direct``  no data pass before training: ranges start at ``qat.direct_init_amax`` and
+                   are learned by gradient (LSQ).
+
+All modes share one loop, evaluate every epoch, keep ``best.pt`` and ``last.pt`` and resume.
+QAT modes read ``qat.*`` in place of ``train.*`` (the hooks see them as ``train.lr`` etc.), and
+end with static ranges that export can use.
+"""
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import read_checkpoint, save_checkpoint
 from .cli import base_parser, run_cli
-from .config import config_to_dict
+from .config import Config, config_to_dict
+from .distributed import barrier, is_main, shutdown, world_size
 from .engine import build_scheduler, pick_metric, rng_state, set_rng_state, train_one_epoch
-from .errors import CheckpointError
-from .pipeline import build_criterion, build_model, evaluate_model, start_session
+from .errors import CheckpointError, InputError
+from .pipeline import Session, build_criterion, build_model, evaluate_model, start_session
 from .reports import write_csv, write_json
 
 logger = logging.getLogger(__name__)
 
-MODES = ("float",)
+MODES = ("float", "calib", "stats", "direct")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser("Train a model: the float baseline (--mode float).")
+    parser = base_parser("Train a model: the float baseline or one of three QAT approaches.")
     parser.add_argument("--mode", choices=MODES, required=True)
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in output_dir from its last checkpoint")
@@ -29,37 +50,159 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def qat_view(cfg: Config) -> Config:
+    """The config as the training loop and hooks see it in a QAT mode: ``qat.*`` as ``train.*``."""
+    train = dataclasses.replace(cfg.train, epochs=cfg.qat.epochs, lr=cfg.qat.lr,
+                                schedule=cfg.qat.schedule, log_interval=cfg.qat.log_interval)
+    return dataclasses.replace(cfg, train=train)
+
+
+@dataclass
+class QatState:
+    """What a QAT mode adds to the float loop."""
+
+    baselines: dict[str, Any] = field(default_factory=dict)
+    tracker: Any = None                         # stats: quant.RangeTracker
+    range_params: list[nn.Parameter] = field(default_factory=list)   # direct
+
+
+def _prepare_qat(session: Session, model: nn.Module, mode: str, criterion: Callable,
+                 val_loader: Any, resume_ckpt: dict[str, Any] | None
+                 ) -> tuple[nn.Module, QatState]:
+    """Insert quantizers and set the starting ranges of ``mode`` (or restore them on resume)."""
+    from . import quant
+
+    cfg = session.cfg
+    state = QatState()
+    metric_of = lambda m: evaluate_model(session, m, val_loader, criterion)
+    if resume_ckpt is not None:
+        model = quant.restore_quantized(model, resume_ckpt["modelopt_state"],
+                                        resume_ckpt["model"]).to(session.device)
+        state.baselines = resume_ckpt["baselines"]
+    else:
+        state.baselines["float"] = metric_of(model)
+        calib_loader = session.hooks.get_data_loader(cfg, "calib")
+        # the PTQ baseline is measured on a copy, so direct mode's model never sees data
+        ptq = quant.insert_quantizers(copy.deepcopy(model), cfg.quant, cfg.export.target)
+        stats = quant.merge_stats(quant.collect_stats(ptq, calib_loader, session.device,
+                                                      cfg.calib.num_batches, cfg.quant.num_bins))
+        quant.apply_ranges(ptq, stats, cfg.calib.method, cfg.calib.percentile)
+        state.baselines["ptq"] = {"method": cfg.calib.method, **metric_of(ptq)}
+        if mode == "calib":
+            model = ptq
+        elif mode == "stats":
+            model = quant.insert_quantizers(model, cfg.quant, cfg.export.target)
+            quant.apply_ranges(model, stats, "max")
+        else:
+            model = quant.insert_quantizers(model, cfg.quant, cfg.export.target)
+    model = model.to(session.device)
+    if mode == "direct":
+        state.range_params = quant.make_ranges_learnable(model, cfg.qat.direct_init_amax)
+    if resume_ckpt is None:   # the untrained quantized model this mode starts from
+        state.baselines["start"] = (state.baselines["ptq"] if mode == "calib"
+                                    else metric_of(model))
+    if mode == "stats":
+        state.tracker = quant.RangeTracker(model, cfg.qat.range_momentum)
+    return model, state
+
+
+def _sync_range_grads(params: list[nn.Parameter]) -> Callable[[], None] | None:
+    """Average the learned ranges' gradients over ranks (they are not DDP parameters)."""
+    if world_size() == 1 or not params:
+        return None
+
+    def sync() -> None:
+        grads = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p)
+                             for p in params])
+        dist.all_reduce(grads)
+        for p, g in zip(params, grads / world_size()):
+            p.grad = g
+    return sync
+
+
+def _sync_tracked_ranges(model: nn.Module) -> None:
+    """Average the stats-mode ranges over ranks at the end of an epoch."""
+    from . import quant
+
+    if world_size() == 1:
+        return
+    for q in quant.activation_quantizers(model).values():
+        if q.amax is not None:
+            amax = q.amax.clone()
+            dist.all_reduce(amax)
+            q.amax = amax / world_size()
+
+
 def _train(args: argparse.Namespace) -> None:
     session = start_session(args, default_output=f"runs/{args.mode}", resume=args.resume,
                             force=args.force)
-    cfg, out = session.cfg, session.out
-    model = build_model(session)
-    train_loader = session.hooks.get_data_loader(cfg, "train")
-    val_loader = session.hooks.get_data_loader(cfg, "val")
-    criterion = build_criterion(session)
-    optimizer = session.hooks.get_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg.train.schedule,
-                                cfg.train.epochs * len(train_loader), cfg.train.poly_power)
+    try:
+        _run(session, args)
+    finally:
+        shutdown()
 
+
+def _run(session: Session, args: argparse.Namespace) -> None:
+    cfg, out, mode = session.cfg, session.out, args.mode
+    qat = mode != "float"
+    if qat and cfg.model_path is None and not args.resume:
+        raise InputError(f"--mode {mode} fine-tunes trained float weights: set model_path "
+                         "(e.g. runs/float/best.pt from --mode float)")
+    run_cfg = qat_view(cfg) if qat else cfg
+    ckpt = read_checkpoint(out / "last.pt") if args.resume else None
+    if ckpt is not None and ckpt.get("mode") != mode:
+        raise CheckpointError(f"{out / 'last.pt'} is from --mode {ckpt.get('mode')}, "
+                              f"not --mode {mode}")
+
+    if ckpt is None:
+        model = build_model(session)
+    else:   # the weights (and quantizers) come from the checkpoint
+        model = session.hooks.get_model(cfg).to(session.device)
+    criterion = build_criterion(session)
+    train_loader = session.hooks.get_data_loader(run_cfg, "train")
+    val_loader = session.hooks.get_data_loader(run_cfg, "val")
+    state = QatState()
+    if qat:
+        model, state = _prepare_qat(session, model, mode, criterion, val_loader, ckpt)
+    elif ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+
+    optimizer = session.hooks.get_optimizer(model, run_cfg)
+    if state.range_params:
+        optimizer.add_param_group({"params": state.range_params, "weight_decay": 0.0,
+                                   "lr": cfg.qat.lr * cfg.qat.range_lr_scale})
+    epochs = run_cfg.train.epochs
+    scheduler = build_scheduler(optimizer, run_cfg.train.schedule, epochs * len(train_loader),
+                                run_cfg.train.poly_power)
     history: list[dict[str, Any]] = []
     best: float | None = None
     start_epoch = 0
-    if args.resume:
-        ckpt = read_checkpoint(out / "last.pt")
-        if ckpt.get("mode") != args.mode:
-            raise CheckpointError(f"{out / 'last.pt'} is from --mode {ckpt.get('mode')}, "
-                                  f"not --mode {args.mode}")
-        model.load_state_dict(ckpt["model"])
+    if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
         start_epoch, best, history = ckpt["epoch"], ckpt["best_metric"], ckpt["history"]
         logger.info("resumed %s at epoch %d", out / "last.pt", start_epoch)
 
-    metric_name, higher = None, True
-    for epoch in range(start_epoch, cfg.train.epochs):
-        stats = train_one_epoch(model, train_loader, criterion, optimizer, session.device,
-                                epoch, scheduler, cfg.train.log_interval)
+    net = model
+    if world_size() > 1:
+        net = DistributedDataParallel(model, device_ids=None if session.device.type == "cpu"
+                                      else [session.device.index])
+    after_backward = _sync_range_grads(state.range_params)
+    metric_name = None
+    for epoch in range(start_epoch, epochs):
+        final_phase = lambda n, e=epoch: qat and n > 0 and e >= epochs - n
+        if final_phase(cfg.qat.freeze_ranges_epochs):
+            if state.tracker is not None:
+                state.tracker.freeze()
+            for p in state.range_params:
+                p.requires_grad_(False)
+        stats = train_one_epoch(net, train_loader, criterion, optimizer, session.device, epoch,
+                                scheduler, run_cfg.train.log_interval,
+                                freeze_bn=final_phase(cfg.qat.freeze_bn_epochs),
+                                after_backward=after_backward)
+        if state.tracker is not None:
+            _sync_tracked_ranges(model)
         metrics = evaluate_model(session, model, val_loader, criterion)
         metric_name, higher = pick_metric(metrics, cfg.metric)
         value = metrics[metric_name]
@@ -68,22 +211,42 @@ def _train(args: argparse.Namespace) -> None:
         history.append({"epoch": epoch + 1, "train_loss": stats["loss"],
                         "train_seconds": round(stats["seconds"], 2), **metrics,
                         "lr": optimizer.param_groups[0]["lr"]})
-        logger.info("epoch %d/%d  train loss %.4f  %s %.2f  best %.2f", epoch + 1,
-                    cfg.train.epochs, stats["loss"], metric_name, value, best)
-        state = {"mode": args.mode, "model": model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "epoch": epoch + 1, "best_metric": best, "metric": metric_name,
-                 "history": history, "rng": rng_state(), "config": config_to_dict(cfg)}
-        if improved:
-            save_checkpoint(state, out / "best.pt")
-        save_checkpoint(state, out / "last.pt")
-        write_csv(out / "epochs.csv", history)
+        logger.info("epoch %d/%d  train loss %.4f  %s %.2f  best %.2f", epoch + 1, epochs,
+                    stats["loss"], metric_name, value, best)
+        if is_main():
+            _save(out, model, mode, optimizer, scheduler, epoch + 1, best, metric_name, history,
+                  state, cfg, improved)
+        barrier()
 
-    final = history[-1] if history else {}
-    results = {"script": "qat_train", "mode": args.mode, "metric": metric_name or cfg.metric,
-               "best": best, "final": final, "epochs": history,
-               "checkpoints": {"best": str(out / "best.pt"), "last": str(out / "last.pt")}}
-    print(write_json(out / "results.json", results))
+    if state.tracker is not None:
+        state.tracker.remove()
+    if state.range_params:
+        from . import quant
+        quant.make_ranges_static(model)
+    if is_main():
+        results = {"script": "qat_train", "mode": mode, "metric": metric_name or cfg.metric,
+                   "baselines": state.baselines, "best": best,
+                   "final": history[-1] if history else {}, "epochs": history,
+                   "checkpoints": {"best": str(out / "best.pt"), "last": str(out / "last.pt")}}
+        print(write_json(out / "results.json", results))
+
+
+def _save(out, model: nn.Module, mode: str, optimizer, scheduler, epoch: int, best: float,
+          metric: str, history: list, state: QatState, cfg: Config, improved: bool) -> None:
+    """``last.pt`` (and ``best.pt`` when improved), written atomically. QAT checkpoints carry
+    modelopt's state and static ranges, so every script can load them."""
+    ckpt: dict[str, Any] = {
+        "mode": mode, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "epoch": epoch, "best_metric": best,
+        "metric": metric, "history": history, "rng": rng_state(), "config": config_to_dict(cfg)}
+    if mode != "float":
+        from . import quant
+        ckpt.update(kind="quantized", modelopt_state=quant.quant_state(model),
+                    baselines=state.baselines)
+    if improved:
+        save_checkpoint(ckpt, out / "best.pt")
+    save_checkpoint(ckpt, out / "last.pt")
+    write_csv(out / "epochs.csv", history)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

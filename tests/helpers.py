@@ -15,8 +15,12 @@ TINY_USER = {"image_size": [64, 64], "crop_size": [64, 64], "batch_size": 4,
              "ohem_min_kept": 1000}
 
 
+TINY_HOOKS = str(ROOT / "tests" / "fixtures" / "tiny_hooks.py")
+
+
 def tiny_config(tmp_path: Path, **overrides) -> Path:
-    """A config for a seconds-long run of PIDNet-S on 64x64 synthetic scenes."""
+    """A config for a seconds-long run of PIDNet-S on 64x64 synthetic scenes (pass
+    ``hooks=TINY_HOOKS`` for a small conv net instead)."""
     cfg = {"hooks": str(ROOT / "my_model.py"), "output_dir": str(tmp_path / "run"),
            "device": "cpu", "train": {"epochs": 2, "lr": 0.01, "log_interval": 0},
            "user": dict(TINY_USER)}

@@ -1,0 +1,149 @@
+"""The three QAT approaches on a small conv net: they run, improve, resume, and end static."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from pidnet import quant
+from pidnet.checkpoint import read_checkpoint
+from pidnet.config import QuantConfig
+from pidnet.train import main
+
+from .helpers import ROOT, TINY_HOOKS, TINY_USER, run_script, tiny_config
+
+USER = dict(TINY_USER, image_size=[64, 128], crop_size=[64, 128], train_images=16,
+            val_images=8)
+
+
+@pytest.fixture(scope="module")
+def float_weights(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("float")
+    cfg = tiny_config(tmp, hooks=TINY_HOOKS, user=USER,
+                      train={"epochs": 4, "lr": 0.05, "log_interval": 0})
+    assert main(["--mode", "float", "--config", str(cfg)]) == 0
+    return tmp / "run" / "best.pt"
+
+
+def _qat_config(tmp_path, float_weights, **qat):
+    settings = {"epochs": 2, "lr": 0.02, "log_interval": 0, **qat}
+    return tiny_config(tmp_path, hooks=TINY_HOOKS, user=USER, model_path=str(float_weights),
+                       qat=settings, calib={"num_batches": 1})
+
+
+@pytest.mark.parametrize("mode", ["calib", "stats", "direct"])
+def test_each_mode_improves_on_its_quantized_start(tmp_path, float_weights, mode):
+    assert main(["--mode", mode, "--config", str(_qat_config(tmp_path, float_weights))]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    base = results["baselines"]
+    assert set(base) == {"float", "ptq", "start"} and base["ptq"]["method"] == "entropy"
+    assert len(results["epochs"]) == 2
+    assert results["best"] > base["start"]["miou"]
+    ckpt = read_checkpoint(tmp_path / "run" / "best.pt")
+    assert ckpt["kind"] == "quantized" and "modelopt_state" in ckpt
+    amax = [v for k, v in ckpt["model"].items() if k.endswith("input_quantizer._amax")]
+    assert amax and all(torch.isfinite(a).all() and (a > 0).all() for a in amax)
+
+
+def test_direct_ranges_move_from_their_data_free_start(tmp_path, float_weights):
+    assert main(["--mode", "direct", "--config",
+                 str(_qat_config(tmp_path, float_weights, direct_init_amax=4.0))]) == 0
+    last = read_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    amax = torch.stack([v.reshape(()) for k, v in last.items()
+                        if k.endswith("_amax") and "weight_quantizer" not in k])
+    moved = (amax - 4.0).abs()
+    assert moved.min() > 1e-6 and moved.max() > 1e-2   # every learned range moved
+
+
+def test_learned_range_gets_lsq_gradient():
+    conv = nn.Sequential(nn.Conv2d(3, 4, 1))
+    model = quant.insert_quantizers(conv, QuantConfig())
+    (param,) = quant.make_ranges_learnable(model, init_amax=0.5)
+    x = torch.randn(2, 3, 4, 4) * 2
+    model(x).pow(2).sum().backward()
+    assert param.grad is not None and param.grad.abs() > 0
+    quant.make_ranges_static(model)
+    q = model[0].input_quantizer
+    assert type(q) is not quant.LearnedRangeQuantizer and float(q.amax) == pytest.approx(0.5)
+
+
+def test_tracked_ranges_follow_the_data_then_stop_when_frozen():
+    model = quant.insert_quantizers(nn.Sequential(nn.Conv2d(3, 4, 1)), QuantConfig())
+    q = model[0].input_quantizer
+    q.amax = torch.tensor(1.0)
+    tracker = quant.RangeTracker(model, momentum=0.5)
+    model.train()
+    model(torch.full((1, 3, 2, 2), 3.0))
+    assert float(q.amax) == pytest.approx(2.0)         # 0.5 * 1 + 0.5 * 3
+    model.eval()
+    model(torch.full((1, 3, 2, 2), 9.0))
+    assert float(q.amax) == pytest.approx(2.0)         # evaluation never moves ranges
+    tracker.freeze()
+    model.train()
+    model(torch.full((1, 3, 2, 2), 9.0))
+    assert float(q.amax) == pytest.approx(2.0)
+    tracker.remove()
+
+
+def test_stats_ranges_frozen_in_the_final_epoch(tmp_path, float_weights):
+    cfg = _qat_config(tmp_path, float_weights, epochs=3, freeze_ranges_epochs=2)
+    assert main(["--mode", "stats", "--config", str(cfg)]) == 0
+    history = json.loads((tmp_path / "run" / "results.json").read_text())["epochs"]
+    assert len(history) == 3
+    # last.pt holds the ranges after epoch 3; they must equal those after epoch 1, since the
+    # last two epochs were frozen. Re-run 1 epoch with the same seed to get epoch-1 ranges.
+    one = tmp_path / "one"
+    one.mkdir()
+    cfg1 = _qat_config(one, float_weights, epochs=3, freeze_ranges_epochs=2)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "qat_train.py"), "--mode", "stats",
+                             "--config", str(cfg1)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _kill_after_first_checkpoint(proc, one / "run" / "last.pt")
+    first = read_checkpoint(one / "run" / "last.pt")
+    if first["epoch"] != 1:
+        pytest.skip("the run finished more than one epoch before it could be stopped")
+    final = read_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    for key, value in first["model"].items():
+        if key.endswith("input_quantizer._amax"):
+            assert torch.equal(final[key], value), key
+
+
+def _kill_after_first_checkpoint(proc: subprocess.Popen, path) -> None:
+    deadline = time.time() + 240
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, float_weights):
+    (tmp_path / "ref").mkdir(), (tmp_path / "cut").mkdir()
+    ref_cfg = _qat_config(tmp_path / "ref", float_weights, epochs=3)
+    cut_cfg = _qat_config(tmp_path / "cut", float_weights, epochs=3)
+    assert run_script("qat_train.py", "--mode", "direct", "--config",
+                      str(ref_cfg)).returncode == 0
+    proc = subprocess.Popen([sys.executable, str(ROOT / "qat_train.py"), "--mode", "direct",
+                             "--config", str(cut_cfg)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    last = tmp_path / "cut" / "run" / "last.pt"
+    _kill_after_first_checkpoint(proc, last)
+    assert read_checkpoint(last)["epoch"] < 3
+    done = run_script("qat_train.py", "--mode", "direct", "--config", str(cut_cfg), "--resume")
+    assert done.returncode == 0, done.stderr
+    ref = read_checkpoint(tmp_path / "ref" / "run" / "last.pt")["model"]
+    cut = read_checkpoint(last)["model"]
+    assert ref.keys() == cut.keys()
+    for key in ref:
+        assert torch.allclose(ref[key].float(), cut[key].float(), atol=1e-6), key
+
+
+def test_qat_needs_float_weights(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, hooks=TINY_HOOKS, user=USER)
+    assert main(["--mode", "calib", "--config", str(cfg)]) == 2
+    assert "model_path" in capsys.readouterr().err
