@@ -13,8 +13,13 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
 
+# float baseline -> PTQ with every calibration method -> QAT (calib mode), all on config.yaml
 demo: $(STAMP)
-	$(PY) qat_train.py --mode float --config config.yaml
+	$(PY) qat_train.py --mode float --config config.yaml --set output_dir=runs/float
+	$(PY) calibrate.py --config config.yaml --set model_path=runs/float/best.pt \
+		--set output_dir=runs/calibrate
+	$(PY) qat_train.py --mode calib --config config.yaml --set model_path=runs/float/best.pt \
+		--set output_dir=runs/qat_calib
 
 test: $(STAMP)
 	$(PY) -m pytest

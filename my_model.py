@@ -28,7 +28,7 @@ USER_DEFAULTS: dict[str, Any] = {
     "crop_size": [128, 256],      # training crop (H, W)
     "scale_range": [0.75, 1.5],   # random rescale of the shorter side before cropping
     "train_images": 400,          # synthetic scenes per split
-    "val_images": 100,
+    "val_images": 200,
     "calib_images": 64,
     "data_seed": 0,               # which synthetic scenes; independent of the training seed
     "boundary_width": 1,

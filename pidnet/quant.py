@@ -57,6 +57,11 @@ class QuantBlend(Blend):
         return super().forward(self.x_quantizer(x), self.y_quantizer(y), gate)
 
 
+# modelopt warns, per quantized class, that it has no tensor-parallel state under torchrun;
+# this project uses data parallelism only.
+warnings.filterwarnings("ignore", message="Distributed training is initialized but no "
+                        "parallel_state")
+
 for _original, _quantized in ((Add, QuantAdd), (Blend, QuantBlend)):
     if _original not in QuantModuleRegistry:
         mtq.register(original_cls=_original, quantized_cls=_quantized)
@@ -194,6 +199,12 @@ class ActivationStats:
     abs_max: float
 
 
+def _merge_bins(counts: torch.Tensor, factor: int) -> torch.Tensor:
+    """Sum every ``factor`` consecutive bins (the last group zero-padded)."""
+    padded = torch.nn.functional.pad(counts, (0, (-len(counts)) % factor))
+    return padded.view(-1, factor).sum(1)
+
+
 class _HistogramCollector:
     def __init__(self, num_bins: int) -> None:
         self.num_bins = num_bins
@@ -213,6 +224,11 @@ class _HistogramCollector:
         if self.width is None:
             self.width = batch_max / self.num_bins
         bins = max(len(self.counts), math.ceil(batch_max / self.width))
+        if bins > 2 * self.num_bins:   # keep the histogram small: merge bins by a whole factor
+            factor = math.ceil(bins / self.num_bins)
+            self.counts = _merge_bins(self.counts, factor)
+            self.width *= factor
+            bins = max(len(self.counts), math.ceil(batch_max / self.width))
         hist = torch.histc(x, bins=bins, min=0.0, max=bins * self.width).double().cpu()
         hist[: len(self.counts)] += self.counts
         self.counts, self.abs_max = hist, max(self.abs_max, batch_max)

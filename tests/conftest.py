@@ -21,6 +21,20 @@ def repo_root() -> Path:
     return ROOT
 
 
+@pytest.fixture(scope="session")
+def tiny_float_weights(tmp_path_factory) -> Path:
+    """Float weights of the small conv net (tests/fixtures/tiny_hooks.py), trained once."""
+    from pidnet.train import main
+
+    from .helpers import TINY_HOOKS, TINY_NET_USER, tiny_config
+
+    tmp = tmp_path_factory.mktemp("tiny_float")
+    cfg = tiny_config(tmp, hooks=TINY_HOOKS, user=TINY_NET_USER,
+                      train={"epochs": 4, "lr": 0.05, "log_interval": 0})
+    assert main(["--mode", "float", "--config", str(cfg)]) == 0
+    return tmp / "run" / "best.pt"
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")

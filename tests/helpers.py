@@ -16,6 +16,8 @@ TINY_USER = {"image_size": [64, 64], "crop_size": [64, 64], "batch_size": 4,
 
 
 TINY_HOOKS = str(ROOT / "tests" / "fixtures" / "tiny_hooks.py")
+TINY_NET_USER = {**TINY_USER, "image_size": [64, 128], "crop_size": [64, 128],
+                 "train_images": 16, "val_images": 8}
 
 
 def tiny_config(tmp_path: Path, **overrides) -> Path:

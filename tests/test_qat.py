@@ -16,19 +16,12 @@ from pidnet.checkpoint import read_checkpoint
 from pidnet.config import QuantConfig
 from pidnet.train import main
 
-from .helpers import ROOT, TINY_HOOKS, TINY_USER, run_script, tiny_config
-
-USER = dict(TINY_USER, image_size=[64, 128], crop_size=[64, 128], train_images=16,
-            val_images=8)
+from .helpers import ROOT, TINY_HOOKS, TINY_NET_USER as USER, run_script, tiny_config
 
 
-@pytest.fixture(scope="module")
-def float_weights(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("float")
-    cfg = tiny_config(tmp, hooks=TINY_HOOKS, user=USER,
-                      train={"epochs": 4, "lr": 0.05, "log_interval": 0})
-    assert main(["--mode", "float", "--config", str(cfg)]) == 0
-    return tmp / "run" / "best.pt"
+@pytest.fixture
+def float_weights(tiny_float_weights):
+    return tiny_float_weights
 
 
 def _qat_config(tmp_path, float_weights, **qat):

@@ -118,7 +118,7 @@ def render_scene(seed: int, index: int, height: int, width: int) -> tuple[np.nda
     # lighting: a global gain and colour cast (one scene in three at dusk or night, where
     # features are small against the ranges set by daylight scenes: what per-tensor INT8
     # ranges handle worst), a soft cast shadow, sensor noise
-    gain = rng.uniform(0.12, 0.35) if rng.random() < 1 / 3 else rng.uniform(0.6, 1.3)
+    gain = rng.uniform(0.15, 0.4) if rng.random() < 1 / 3 else rng.uniform(0.6, 1.3)
     img *= gain * rng.uniform(0.9, 1.1, 3)
     a, b, c = rng.normal(size=3)
     img[a * (xx - w / 2) + b * (yy - h / 2) + c * 0.3 * w > 0] *= rng.uniform(0.55, 0.9)
