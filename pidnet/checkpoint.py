@@ -35,6 +35,7 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format_version": FORMAT_VERSION, **state}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o644)   # mkstemp makes it private; results are meant to be shared
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .checkpoint import load_weights
+from .checkpoint import load_weights, read_checkpoint, save_checkpoint
 from .config import Config, config_to_dict, load_config, save_config
 from .distributed import init_from_env, is_main, rank
 from .engine import mean_loss, resolve_device, seed_everything
@@ -90,9 +90,8 @@ def evaluate_model(session: Session, model: nn.Module, loader: Iterable,
 
 def save_quantized(path: Path, model: nn.Module, cfg: Config, **info: Any) -> Path:
     """A quantized model as a plain checkpoint: weights and ranges plus modelopt's state."""
-    from . import quant
+    from . import quant   # imports modelopt: only scripts that quantize pay for it
 
-    from .checkpoint import save_checkpoint
     return save_checkpoint({"kind": "quantized", "model": model.state_dict(),
                             "modelopt_state": quant.quant_state(model),
                             "config": config_to_dict(cfg), **info}, path)
@@ -102,7 +101,6 @@ def load_quantized(session: Session, path: str | Path) -> nn.Module:
     """The hooks' model with the quantizers, weights and ranges of a quantized checkpoint."""
     from . import quant
 
-    from .checkpoint import read_checkpoint
     ckpt = read_checkpoint(path)
     if ckpt.get("kind") != "quantized" or "modelopt_state" not in ckpt:
         raise CheckpointError(f"{path} is not a quantized checkpoint (no modelopt state); "

@@ -20,6 +20,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o644)   # mkstemp makes it private; results are meant to be shared
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -4,8 +4,14 @@ import json
 
 import pytest
 
+import torch
+
 from pidnet.calibrate import main as calibrate_main
 from pidnet.checkpoint import read_checkpoint
+from pidnet.config import load_config
+from pidnet.errors import CheckpointError
+from pidnet.hooks import load_hooks
+from pidnet.pipeline import Session, build_criterion, evaluate_model, load_quantized
 from pidnet.train import main as train_main
 
 from .helpers import tiny_config
@@ -36,6 +42,16 @@ def test_calibrate_compares_all_methods(tmp_path, float_weights, capsys):
     assert results["best"] == max(r["miou"] for r in rows.values())
     ckpt = read_checkpoint(results["checkpoint"])
     assert ckpt["kind"] == "quantized" and ckpt["method"] == results["best_method"]
+
+    # the saved model reloads (as every later script loads it) and scores the same
+    config = load_config(cfg)
+    session = Session(config, tmp_path, load_hooks(config.hooks), torch.device("cpu"))
+    model = load_quantized(session, results["checkpoint"])
+    metrics = evaluate_model(session, model, session.hooks.get_data_loader(config, "val"),
+                             build_criterion(session))
+    assert metrics["miou"] == pytest.approx(results["best"], abs=1e-6)
+    with pytest.raises(CheckpointError, match="not a quantized checkpoint"):
+        load_quantized(session, float_weights)
 
 
 def test_fail_below_exits_3_and_still_writes_results(tmp_path, float_weights):
