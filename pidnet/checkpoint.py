@@ -9,7 +9,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,14 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from .atomic import atomic_write
 from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-# Buffers of the official training wrapper (``FullModel``): its losses, not the network.
+# The official training wrapper (``FullModel``) keeps the network under ``model.``, beside
+# its loss buffers; DistributedDataParallel keeps it under ``module.``.
 _WRAPPER_PREFIX = "model."
 _DDP_PREFIX = "module."
 
@@ -31,21 +32,8 @@ _DDP_PREFIX = "module."
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write ``state`` to ``path`` through a temporary file and a rename, so a crash never
     leaves a torn file. Adds the format version."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format_version": FORMAT_VERSION, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o644)   # mkstemp makes it private; results are meant to be shared
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

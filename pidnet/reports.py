@@ -4,33 +4,19 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write
 from .errors import InputError
 
 FINISHED_MARKER = "results.json"
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` through a temporary file and a rename: readers never see a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o644)   # mkstemp makes it private; results are meant to be shared
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``text`` atomically (see ``pidnet.atomic``)."""
+    return atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def write_json(path: str | Path, data: Any) -> Path:
