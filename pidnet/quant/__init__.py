@@ -1,0 +1,36 @@
+"""The adapter to NVIDIA's fake-quant modules (nvidia-modelopt): the only package importing it.
+
+modelopt's API moves between releases; everything the toolkit needs from it is here:
+inserting quantizers, turning them on and off by layer, setting ranges, saving and restoring.
+
+Placement follows the deployment target. For TensorRT: conv (and pooling) inputs per tensor,
+weights per output channel, and the skip input of each residual add, so TensorRT can fuse the
+conv that feeds the add. For onnxruntime, conv outputs are quantized too, since its integer
+kernels need a quantized input, weight and output.
+"""
+from __future__ import annotations
+
+from .modules import (
+    QuantAdd,
+    QuantBlend,
+    activation_quantizers,
+    execution_order,
+    insert_quantizers,
+    layer_quantizers,
+    layers_enabled,
+    match_layers,
+    quant_state,
+    quantizers,
+    restore_quantized,
+    set_weight_ranges,
+)
+from .qat import LearnedRangeQuantizer, RangeTracker, make_ranges_learnable, make_ranges_static
+from .stats import ActivationStats, apply_ranges, collect_stats, merge_stats
+
+__all__ = [
+    "ActivationStats", "LearnedRangeQuantizer", "QuantAdd", "QuantBlend", "RangeTracker",
+    "activation_quantizers", "apply_ranges", "collect_stats", "execution_order",
+    "insert_quantizers", "layer_quantizers", "layers_enabled", "make_ranges_learnable",
+    "make_ranges_static", "match_layers", "merge_stats", "quant_state", "quantizers",
+    "restore_quantized", "set_weight_ranges",
+]

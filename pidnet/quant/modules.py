@@ -1,0 +1,207 @@
+"""Quantizer placement, layer addressing and save/restore over NVIDIA's fake-quant modules."""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import modelopt.torch.opt as mto
+import modelopt.torch.quantization as mtq
+import torch
+from modelopt.torch.quantization.nn import QuantModuleRegistry, TensorQuantizer
+from torch import nn
+
+from ..config import QuantConfig
+from ..errors import CheckpointError
+from ..model import Add, Blend
+
+logger = logging.getLogger(__name__)
+
+WEIGHT = "weight_quantizer"
+
+
+class QuantAdd(Add):
+    """``x + q(skip)``: the skip input carries the quantizer (NVIDIA's TensorRT placement)."""
+
+    def _setup(self) -> None:
+        self.skip_quantizer = TensorQuantizer()
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return x + self.skip_quantizer(skip)
+
+
+class QuantBlend(Blend):
+    """``(1 - gate) * q(x) + gate * q(y)``; the gate stays in float (a sigmoid output)."""
+
+    def _setup(self) -> None:
+        self.x_quantizer = TensorQuantizer()
+        self.y_quantizer = TensorQuantizer()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.x_quantizer(x), self.y_quantizer(y), gate)
+
+
+# modelopt warns, per quantized class, that it has no tensor-parallel state under torchrun;
+# this project uses data parallelism only.
+warnings.filterwarnings("ignore", message="Distributed training is initialized but no "
+                        "parallel_state")
+
+for _original, _quantized in ((Add, QuantAdd), (Blend, QuantBlend)):
+    if _original not in QuantModuleRegistry:
+        mtq.register(original_cls=_original, quantized_cls=_quantized)
+
+
+def _quant_cfg(qcfg: QuantConfig, target: str) -> dict[str, Any]:
+    act = {"num_bits": qcfg.act_bits, "axis": None, "pass_through_bwd": False}
+    weight = {"num_bits": qcfg.weight_bits, "axis": 0 if qcfg.per_channel else None,
+              "pass_through_bwd": False}
+    entries: list[dict[str, Any]] = [
+        {"quantizer_name": "*", "enable": False},
+        {"quantizer_name": f"*{WEIGHT}", "cfg": weight},
+        {"quantizer_name": "*input_quantizer", "cfg": act},
+    ]
+    if qcfg.residual:
+        entries += [{"quantizer_name": f"*{n}", "cfg": act}
+                    for n in ("skip_quantizer", "x_quantizer", "y_quantizer")]
+    if target == "onnxruntime":
+        entries.append({"quantizer_name": "*output_quantizer", "parent_class": "nn.Conv2d",
+                        "cfg": act})
+    entries += [{"quantizer_name": "*", "parent_class": f"nn.BatchNorm{d}d", "enable": False}
+                for d in (1, 2, 3)]
+    return {"quant_cfg": entries, "algorithm": None}
+
+
+def quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
+    """Every fake-quant module by its full name, enabled or not."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+
+
+def layer_quantizers(model: nn.Module) -> dict[str, dict[str, TensorQuantizer]]:
+    """Layer name -> its enabled quantizers. A layer is a module owning at least one."""
+    layers: dict[str, dict[str, TensorQuantizer]] = {}
+    for name, module in model.named_modules():
+        owned = {child: q for child, q in module.named_children()
+                 if isinstance(q, TensorQuantizer) and q.is_enabled}
+        if owned:
+            layers[name] = owned
+    return layers
+
+
+def match_layers(names: Iterable[str], patterns: Iterable[str]) -> list[str]:
+    """Names equal to a pattern, or matching it as a glob when it has ``*?[``. Never a
+    substring: ``conv1`` does not catch ``layer1.0.conv1``."""
+    patterns = list(patterns)
+    return [n for n in names if any(n == p or (any(c in p for c in "*?[")
+                                               and fnmatch.fnmatchcase(n, p)) for p in patterns)]
+
+
+def insert_quantizers(model: nn.Module, qcfg: QuantConfig, target: str = "tensorrt") -> nn.Module:
+    """Replace supported modules by their fake-quant twins in place, ranges not yet set.
+
+    Weight ranges are set at once (per-channel max); activation ranges come from
+    ``calibrate`` or from training. Layers in ``qcfg.exclude`` keep their quantizers disabled.
+    """
+    model = mtq.quantize(model, _quant_cfg(qcfg, target), forward_loop=None)
+    layers = layer_quantizers(model)
+    excluded = match_layers(layers, qcfg.exclude)
+    unknown = [p for p in qcfg.exclude if not match_layers(layers, [p])]
+    if unknown:
+        raise ValueError(f"quant.exclude: {', '.join(unknown)} match no quantized layer")
+    for name in excluded:
+        for q in layers[name].values():
+            q.disable()
+    set_weight_ranges(model)
+    logger.info("quantizers: %d enabled in %d layers (%d layers excluded)",
+                sum(q.is_enabled for q in quantizers(model).values()),
+                len(layers) - len(excluded), len(excluded))
+    return model
+
+
+@torch.no_grad()
+def set_weight_ranges(model: nn.Module) -> None:
+    """amax of every weight quantizer: the max |w| per output channel (or per tensor)."""
+    for module in model.modules():
+        q = getattr(module, WEIGHT, None)
+        if isinstance(q, TensorQuantizer) and getattr(module, "weight", None) is not None:
+            w = module.weight.detach().abs()
+            q.amax = (w.amax(dim=tuple(range(1, w.dim())), keepdim=True) if q.axis is not None
+                      else w.max())
+
+
+def activation_quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
+    return {n: q for n, q in quantizers(model).items()
+            if q.is_enabled and not n.endswith(WEIGHT)}
+
+
+def execution_order(model: nn.Module, example: Any) -> list[str]:
+    """Quantized layers in the order one forward pass reaches them."""
+    layers = layer_quantizers(model)
+    order: list[str] = []
+    handles = [module.register_forward_pre_hook(
+        lambda _m, _a, name=name: order.append(name) if name not in order else None)
+        for name, module in model.named_modules() if name in layers]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return order + [n for n in layers if n not in order]
+
+
+@contextlib.contextmanager
+def layers_enabled(model: nn.Module, names: Iterable[str], enabled: bool) -> Iterator[None]:
+    """Enable (or disable) the quantizers of the named layers for the body; every
+    quantizer's previous state is restored afterwards, even when the body raises."""
+    all_q = quantizers(model)
+    saved = {n: q.is_enabled for n, q in all_q.items()}
+    owners = {name: [q for q in all_q if q.rsplit(".", 1)[0] == name] for name in names}
+    missing = [n for n, qs in owners.items() if not qs]
+    if missing:
+        raise KeyError(f"no quantized layer named {', '.join(missing)}")
+    try:
+        for qs in owners.values():
+            for q in qs:
+                (all_q[q].enable if enabled else all_q[q].disable)()
+        yield
+    finally:
+        for n, q in all_q.items():
+            (q.enable if saved[n] else q.disable)()
+
+
+# --------------------------------------------------------------------------- save / restore
+def quant_state(model: nn.Module) -> dict[str, Any]:
+    """modelopt's description of the inserted quantizers (plain data; pair it with the
+    state dict, which holds the ranges)."""
+    return mto.modelopt_state(model)
+
+
+def restore_quantized(model: nn.Module, modelopt_state: dict[str, Any],
+                      state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """Re-create the quantizers of a saved model on the float ``model`` and load its weights
+    and ranges. A checkpoint of another architecture is a ``CheckpointError``."""
+    try:
+        with warnings.catch_warnings():   # parameter-free quantized modules have no device yet
+            warnings.filterwarnings("ignore", message="Could not identify the device")
+            model = mto.restore_from_modelopt_state(model, modelopt_state)
+    except Exception as exc:
+        raise CheckpointError(f"the quantized checkpoint does not fit this model "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+                              ) from None
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or mismatched:
+        bad = (missing + unexpected + mismatched)[:3]
+        raise CheckpointError(f"the quantized checkpoint does not fit this model "
+                              f"({len(missing)} missing, {len(unexpected)} unexpected, "
+                              f"{len(mismatched)} mismatched keys, e.g. {', '.join(bad)})")
+    model.load_state_dict(state_dict)
+    return model
