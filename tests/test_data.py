@@ -71,6 +71,9 @@ def test_cityscapes_loader_on_a_tiny_tree(tmp_path):
     assert label.tolist() == [[0, 1, 13, 255], [10, 18, 255, 11]]
     with pytest.raises(DataError, match="leftImg8bit"):
         Cityscapes(tmp_path, "val")
+    (tmp_path / "gtFine/train/bremen/bremen_000000_000019_gtFine_labelIds.png").unlink()
+    with pytest.raises(DataError, match="label .* is missing"):
+        Cityscapes(tmp_path, "train")
 
 
 def test_camvid_colour_labels(tmp_path):

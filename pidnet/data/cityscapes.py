@@ -1,6 +1,7 @@
 """Cityscapes and CamVid from their standard folder layouts."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,18 @@ def _lookup_table(mapping: dict[int, int], ignore_index: int = 255) -> torch.Ten
     return table
 
 
+def _pair_up(images: list[Path], label_of: Callable[[Path], Path], where: str
+             ) -> list[tuple[Path, Path]]:
+    """(image, label) pairs; a missing label or an empty folder is a ``DataError``."""
+    if not images:
+        raise DataError(f"no images found in {where}")
+    pairs = [(image, label_of(image)) for image in images]
+    for image, label in pairs:
+        if not label.is_file():
+            raise DataError(f"label {label} is missing for {image}")
+    return pairs
+
+
 class _PairedImages(Dataset):
     """Image/label file pairs read from disk, passed through ``transform``."""
 
@@ -78,16 +91,12 @@ class Cityscapes(_PairedImages):
         if not image_dir.is_dir():
             raise DataError(f"{image_dir} does not exist; data_path must be a Cityscapes root "
                             "holding leftImg8bit/ and gtFine/")
-        pairs = []
-        for image in sorted(image_dir.glob("*/*_leftImg8bit.png")):
+        def label_of(image: Path) -> Path:
             stem = image.name[: -len("_leftImg8bit.png")]
-            label = root / "gtFine" / split / image.parent.name / f"{stem}_gtFine_labelIds.png"
-            if not label.is_file():
-                raise DataError(f"label {label} is missing for {image}")
-            pairs.append((image, label))
-        if not pairs:
-            raise DataError(f"no *_leftImg8bit.png images under {image_dir}/<city>/")
-        super().__init__(pairs, transform)
+            return root / "gtFine" / split / image.parent.name / f"{stem}_gtFine_labelIds.png"
+
+        images = sorted(image_dir.glob("*/*_leftImg8bit.png"))
+        super().__init__(_pair_up(images, label_of, f"{image_dir}/<city>/"), transform)
 
     def decode_label(self, path: Path) -> torch.Tensor:
         ids = read_image(path, "L")[0].long()
@@ -106,14 +115,8 @@ class CamVid(_PairedImages):
         image_dir, label_dir = root / split, root / f"{split}_labels"
         if not image_dir.is_dir() or not label_dir.is_dir():
             raise DataError(f"{root} is not a CamVid root: expected {split}/ and {split}_labels/")
-        pairs = []
-        for image in sorted(image_dir.glob("*.png")):
-            label = label_dir / f"{image.stem}_L.png"
-            if not label.is_file():
-                raise DataError(f"label {label} is missing for {image}")
-            pairs.append((image, label))
-        if not pairs:
-            raise DataError(f"no .png images in {image_dir}")
+        images = sorted(image_dir.glob("*.png"))
+        pairs = _pair_up(images, lambda image: label_dir / f"{image.stem}_L.png", str(image_dir))
         super().__init__(pairs, transform)
         codes = torch.tensor([(r << 16) | (g << 8) | b for r, g, b in CAMVID_COLOURS])
         self._codes, self._order = codes.sort()
