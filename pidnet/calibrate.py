@@ -16,11 +16,9 @@ from typing import Any
 from torch import nn
 
 from . import quant
-from .calib import METHODS
 from .cli import base_parser, run_cli
-from .config import Config
 from .engine import pick_metric
-from .errors import ConfigError, QualityGateError
+from .errors import QualityGateError
 from .pipeline import (Session, build_criterion, build_model, evaluate_model, save_quantized,
                        start_session)
 from .reports import format_table, write_json
@@ -48,17 +46,10 @@ def calibrated_model(session: Session, float_model: nn.Module, loader: Any
     return model.to(session.device), stats, time.perf_counter() - start
 
 
-def _check_methods(cfg: Config) -> None:
-    bad = [m for m in cfg.calib.methods if m not in METHODS]
-    if bad or not cfg.calib.methods:
-        raise ConfigError(f"calib.methods: {', '.join(bad) or 'empty'} invalid; choose from "
-                          f"{', '.join(METHODS)}")
-
-
 def _calibrate(args: argparse.Namespace) -> None:
-    session = start_session(args, default_output="runs/calibrate", force=args.force)
+    session = start_session(args, default_output="runs/calibrate", force=args.force,
+                            resumable=False)
     cfg, out = session.cfg, session.out
-    _check_methods(cfg)
     float_model = build_model(session)
     criterion = build_criterion(session)
     val_loader = session.hooks.get_data_loader(cfg, "val")

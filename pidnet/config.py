@@ -104,9 +104,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("poly", "cosine", "constant"),
     "qat.schedule": ("poly", "cosine", "constant"),
     "calib.method": ("max", "percentile", "mse", "entropy"),
+    "calib.methods": ("max", "percentile", "mse", "entropy"),
     "sensitivity.direction": ("disable_one", "enable_one"),
     "export.target": ("tensorrt", "onnxruntime"),
 }
+NON_EMPTY = ("calib.methods",)
 # The original README's flat keys and where they live now.
 LEGACY_KEYS: dict[str, str] = {"tolerance": "sensitivity.tolerance",
                                "output_file": "sensitivity.output_file"}
@@ -170,9 +172,13 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             kwargs[key] = _build(hint, value, f"{full}.")
         else:
             kwargs[key] = _check_type(value, hint, full)
-            if full in CHOICES and kwargs[key] not in CHOICES[full]:
+            values = kwargs[key] if isinstance(kwargs[key], list) else [kwargs[key]]
+            bad = [v for v in values if full in CHOICES and v not in CHOICES[full]]
+            if bad:
                 raise ConfigError(f"config key '{full}' must be one of "
-                                  f"{', '.join(CHOICES[full])}, got {value!r}")
+                                  f"{', '.join(CHOICES[full])}, got {bad[0]!r}")
+            if full in NON_EMPTY and not values:
+                raise ConfigError(f"config key '{full}' must not be empty")
     return cls(**kwargs)
 
 

@@ -34,7 +34,7 @@ class Session:
 
 
 def start_session(args: argparse.Namespace, default_output: str, resume: bool = False,
-                  force: bool = False) -> Session:
+                  force: bool = False, resumable: bool = True) -> Session:
     """Resolve the config, check the hooks, prepare the run folder and seed everything.
 
     Inputs are all checked before the run folder is touched, so bad input changes nothing.
@@ -49,7 +49,7 @@ def start_session(args: argparse.Namespace, default_output: str, resume: bool = 
                         "for the built-in synthetic scenes")
     if cfg.model_path is not None and not Path(cfg.model_path).is_file():
         raise CheckpointError(f"model_path {cfg.model_path} does not exist")
-    out = prepare_output_dir(cfg.output_dir, resume=resume, force=force)
+    out = prepare_output_dir(cfg.output_dir, resume=resume, force=force, resumable=resumable)
     device = init_from_env(device)
     if is_main():
         for item in args.set:

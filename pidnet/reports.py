@@ -35,7 +35,8 @@ def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
     return atomic_write_text(path, buffer.getvalue())
 
 
-def prepare_output_dir(path: str | Path, resume: bool = False, force: bool = False) -> Path:
+def prepare_output_dir(path: str | Path, resume: bool = False, force: bool = False,
+                       resumable: bool = True) -> Path:
     """Make the run folder; refuse to overwrite a finished or started run unless told to."""
     path = Path(path)
     started = (path / "last.pt").exists()
@@ -44,8 +45,9 @@ def prepare_output_dir(path: str | Path, resume: bool = False, force: bool = Fal
         if not started:
             raise InputError(f"nothing to resume: {path / 'last.pt'} does not exist")
     elif (started or finished) and not force:
-        raise InputError(f"output_dir {path} already holds a run; pass --resume to continue it, "
-                         "--force to overwrite it, or set another output_dir")
+        hint = "pass --resume to continue it, " if resumable and started else "pass "
+        raise InputError(f"output_dir {path} already holds a run; {hint}--force to overwrite "
+                         "it, or set another output_dir")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

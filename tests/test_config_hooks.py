@@ -36,6 +36,8 @@ def test_original_readme_flat_keys(tmp_path):
     ("seed=true", "'seed' must be an integer"),
     ("train.lr=fast", "'train.lr' must be a number"),
     ("device=gpu", "must be one of auto, cpu, cuda"),
+    ("calib.methods=[max, foo]", "got 'foo'"),
+    ("calib.methods=[]", "must not be empty"),
     ("train=3", "must be a section"),
     ("noequals", "KEY=VALUE"),
 ])
