@@ -42,8 +42,8 @@ def prepare_output_dir(path: str | Path, resume: bool = False, force: bool = Fal
     started = (path / "last.pt").exists()
     finished = (path / FINISHED_MARKER).exists()
     if resume:
-        if not started:
-            raise InputError(f"nothing to resume: {path / 'last.pt'} does not exist")
+        if finished and not started:
+            raise InputError(f"{path} holds finished results but no last.pt to resume from")
     elif (started or finished) and not force:
         hint = "pass --resume to continue it, " if resumable and started else "pass "
         raise InputError(f"output_dir {path} already holds a run; {hint}--force to overwrite "

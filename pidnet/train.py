@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = base_parser("Train a model: the float baseline or one of three QAT approaches.")
     parser.add_argument("--mode", choices=MODES, required=True)
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in output_dir from its last checkpoint")
+                        help="continue the run in output_dir from its last checkpoint (or "
+                        "start it, if it was stopped before writing one)")
     parser.add_argument("--force", action="store_true",
                         help="start over in an output_dir that already holds a run")
     return parser
@@ -145,11 +146,15 @@ def _train(args: argparse.Namespace) -> None:
 def _run(session: Session, args: argparse.Namespace) -> None:
     cfg, out, mode = session.cfg, session.out, args.mode
     qat = mode != "float"
-    if qat and cfg.model_path is None and not args.resume:
+    if qat and cfg.model_path is None and not (out / "last.pt").exists():
         raise InputError(f"--mode {mode} fine-tunes trained float weights: set model_path "
                          "(e.g. runs/float/best.pt from --mode float)")
     run_cfg = qat_view(cfg) if qat else cfg
-    ckpt = read_checkpoint(out / "last.pt") if args.resume else None
+    ckpt = None
+    if args.resume and (out / "last.pt").exists():
+        ckpt = read_checkpoint(out / "last.pt")
+    elif args.resume:   # killed before its first checkpoint: nothing to lose, start over
+        logger.info("no checkpoint in %s yet: starting from the beginning", out)
     if ckpt is not None and ckpt.get("mode") != mode:
         raise CheckpointError(f"{out / 'last.pt'} is from --mode {ckpt.get('mode')}, "
                               f"not --mode {mode}")

@@ -44,7 +44,8 @@ def _state(path):
     return read_checkpoint(path)["model"]
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("moment", ["before_first_checkpoint", "after_first_checkpoint"])
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, moment):
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     ref_dir.mkdir(), cut_dir.mkdir()
     train = {"epochs": 3, "lr": 0.01, "log_interval": 0}
@@ -56,13 +57,18 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
                              "--config", str(cut_cfg)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     last = cut_dir / "run" / "last.pt"
+    # the run folder's config.yaml is written at start-up, last.pt after the first epoch
+    mark = last if moment == "after_first_checkpoint" else cut_dir / "run" / "config.yaml"
     deadline = time.time() + 240
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    while not mark.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert last.exists() and not (cut_dir / "run" / "results.json").exists()
-    assert read_checkpoint(last)["epoch"] < 3
+    assert mark.exists() and not (cut_dir / "run" / "results.json").exists()
+    if moment == "after_first_checkpoint":
+        assert read_checkpoint(last)["epoch"] < 3
+    else:
+        assert not last.exists()
     done = run_script("qat_train.py", "--mode", "float", "--config", str(cut_cfg), "--resume")
     assert done.returncode == 0, done.stderr
     ref, cut = _state(ref_dir / "run" / "last.pt"), _state(last)
