@@ -34,14 +34,18 @@ class Session:
 
 
 def start_session(args: argparse.Namespace, default_output: str, resume: bool = False,
-                  force: bool = False, resumable: bool = True) -> Session:
+                  force: bool = False, resumable: bool = True,
+                  validate: Callable[[Config], None] | None = None) -> Session:
     """Resolve the config, check the hooks, prepare the run folder and seed everything.
 
-    Inputs are all checked before the run folder is touched, so bad input changes nothing.
+    Inputs are all checked (``validate`` adds the script's own checks) before the run folder
+    is touched, so bad input changes nothing.
     """
     cfg = load_config(args.config, args.set)
     if cfg.output_dir is None:
         cfg.output_dir = default_output
+    if validate is not None:
+        validate(cfg)
     hooks = load_hooks(cfg.hooks)
     device = resolve_device(cfg.device)
     if cfg.data_path is not None and not Path(cfg.data_path).exists():

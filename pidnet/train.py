@@ -19,6 +19,7 @@ import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -135,8 +136,14 @@ def _sync_tracked_ranges(model: nn.Module) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    def needs_weights(cfg: Config) -> None:
+        started = (Path(cfg.output_dir) / "last.pt").exists()
+        if args.mode != "float" and cfg.model_path is None and not (args.resume and started):
+            raise InputError(f"--mode {args.mode} fine-tunes trained float weights: set "
+                             "model_path (e.g. runs/float/best.pt from --mode float)")
+
     session = start_session(args, default_output=f"runs/{args.mode}", resume=args.resume,
-                            force=args.force)
+                            force=args.force, validate=needs_weights)
     try:
         _run(session, args)
     finally:
@@ -146,9 +153,6 @@ def _train(args: argparse.Namespace) -> None:
 def _run(session: Session, args: argparse.Namespace) -> None:
     cfg, out, mode = session.cfg, session.out, args.mode
     qat = mode != "float"
-    if qat and cfg.model_path is None and not (out / "last.pt").exists():
-        raise InputError(f"--mode {mode} fine-tunes trained float weights: set model_path "
-                         "(e.g. runs/float/best.pt from --mode float)")
     run_cfg = qat_view(cfg) if qat else cfg
     ckpt = None
     if args.resume and (out / "last.pt").exists():

@@ -140,3 +140,4 @@ def test_qat_needs_float_weights(tmp_path, capsys):
     cfg = tiny_config(tmp_path, hooks=TINY_HOOKS, user=USER)
     assert main(["--mode", "calib", "--config", str(cfg)]) == 2
     assert "model_path" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()          # bad input touches nothing
