@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from pidnet.config import Config
 from pidnet.data import CamVid, Cityscapes, SegmentationTransform, SyntheticScenes, detect_dataset
-from pidnet.engine import first_tensor, seed_worker
+from pidnet.engine import main_prediction, seed_worker
 from pidnet.errors import ConfigError
 from pidnet.losses import PIDNetLoss
 from pidnet.metrics import ConfusionMatrix
@@ -99,7 +99,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, cfg: Config) -> dict[st
     device = next(model.parameters()).device
     matrix = ConfusionMatrix(num_classes(cfg))
     for images, targets in loader:
-        logits = first_tensor(model(images.to(device)))
+        logits = main_prediction(model(images.to(device)))
         matrix.update(logits, targets["label"].to(device))
     matrix.all_reduce()
     names = getattr(loader.dataset, "class_names", None) or [

@@ -165,7 +165,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def first_tensor(outputs: Any) -> torch.Tensor:
+def main_prediction(outputs: Any) -> torch.Tensor:
     """Main prediction of a model output: the tensor itself or, for PIDNet's
     ``[p, main, boundary]`` list, the main logits."""
     if isinstance(outputs, torch.Tensor):
