@@ -7,20 +7,18 @@ The best method's quantized model is saved as ``quantized.pt``.
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from torch import nn
 
 from . import quant
 from .cli import base_parser, run_cli
 from .engine import pick_metric
 from .errors import QualityGateError
-from .pipeline import (Session, build_criterion, build_model, evaluate_model, save_quantized,
-                       start_session)
+from .pipeline import (build_criterion, build_model, evaluate_model, quantized_copy_with_stats,
+                       save_quantized, start_session)
 from .reports import format_table, write_json
 
 logger = logging.getLogger(__name__)
@@ -35,17 +33,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def calibrated_model(session: Session, float_model: nn.Module, loader: Any
-                     ) -> tuple[nn.Module, dict[str, quant.ActivationStats | None], float]:
-    """A fake-quant copy of ``float_model`` with statistics collected once; seconds taken."""
-    cfg = session.cfg
-    model = quant.insert_quantizers(copy.deepcopy(float_model), cfg.quant, cfg.export.target)
-    start = time.perf_counter()
-    stats = quant.collect_stats(model, loader, session.device, cfg.calib.num_batches,
-                                cfg.quant.num_bins)
-    return model.to(session.device), stats, time.perf_counter() - start
-
-
 def _calibrate(args: argparse.Namespace) -> None:
     session = start_session(args, default_output="runs/calibrate", force=args.force,
                             resumable=False)
@@ -58,7 +45,7 @@ def _calibrate(args: argparse.Namespace) -> None:
     float_metrics = evaluate_model(session, float_model, val_loader, criterion)
     name, higher = pick_metric(float_metrics, cfg.metric)
     logger.info("float %s %.2f", name, float_metrics[name])
-    model, stats, stats_seconds = calibrated_model(session, float_model, calib_loader)
+    model, stats, stats_seconds = quantized_copy_with_stats(session, float_model, calib_loader)
 
     rows: list[dict[str, Any]] = []
     uncalibrated: dict[str, list[str]] = {}

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -64,14 +65,13 @@ def start_session(args: argparse.Namespace, default_output: str, resume: bool = 
     return Session(cfg, out, hooks, device)
 
 
-def build_model(session: Session, weights: str | None = None) -> nn.Module:
-    """The hooks' model, with ``weights`` (default: ``model_path``) loaded through the
-    reported loader, on the session's device."""
+def build_model(session: Session) -> nn.Module:
+    """The hooks' model, with ``model_path`` loaded through the reported loader, on the
+    session's device."""
     cfg = session.cfg
     model = session.hooks.get_model(cfg)
-    path = weights if weights is not None else cfg.model_path
-    if path is not None and not session.hooks.model_loads_itself:
-        load_weights(model, path, strict=cfg.strict_load)
+    if cfg.model_path is not None and not session.hooks.model_loads_itself:
+        load_weights(model, cfg.model_path, strict=cfg.strict_load)
     return model.to(session.device)
 
 
@@ -92,9 +92,25 @@ def evaluate_model(session: Session, model: nn.Module, loader: Iterable,
         return mean_loss(model, loader, criterion, session.device)
 
 
+def quantized_copy_with_stats(session: Session, float_model: nn.Module, loader: Iterable
+                              ) -> tuple[nn.Module, dict[str, Any], float]:
+    """A fake-quant copy of ``float_model`` and its activation statistics, collected once over
+    ``calib.num_batches`` of ``loader`` (merged across ranks); also the seconds taken. Ranges
+    are not set yet: ``quant.apply_ranges`` does that for any method."""
+    from . import quant   # imports modelopt: only scripts that quantize pay for it
+
+    cfg = session.cfg
+    model = quant.insert_quantizers(copy.deepcopy(float_model), cfg.quant, cfg.export.target)
+    model = model.to(session.device)
+    start = time.perf_counter()
+    stats = quant.merge_stats(quant.collect_stats(model, loader, session.device,
+                                                  cfg.calib.num_batches, cfg.quant.num_bins))
+    return model, stats, time.perf_counter() - start
+
+
 def save_quantized(path: Path, model: nn.Module, cfg: Config, **info: Any) -> Path:
     """A quantized model as a plain checkpoint: weights and ranges plus modelopt's state."""
-    from . import quant   # imports modelopt: only scripts that quantize pay for it
+    from . import quant
 
     return save_checkpoint({"kind": "quantized", "model": model.state_dict(),
                             "modelopt_state": quant.quant_state(model),

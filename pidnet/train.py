@@ -14,7 +14,6 @@ end with static ranges that export can use.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
@@ -33,7 +32,8 @@ from .config import Config, config_to_dict
 from .distributed import barrier, is_main, shutdown, world_size
 from .engine import build_scheduler, pick_metric, rng_state, set_rng_state, train_one_epoch
 from .errors import CheckpointError, InputError
-from .pipeline import Session, build_criterion, build_model, evaluate_model, start_session
+from .pipeline import (Session, build_criterion, build_model, evaluate_model,
+                       quantized_copy_with_stats, start_session)
 from .reports import write_csv, write_json
 
 logger = logging.getLogger(__name__)
@@ -85,9 +85,7 @@ def _prepare_qat(session: Session, model: nn.Module, mode: str, criterion: Calla
         state.baselines["float"] = metric_of(model)
         calib_loader = session.hooks.get_data_loader(cfg, "calib")
         # the PTQ baseline is measured on a copy, so direct mode's model never sees data
-        ptq = quant.insert_quantizers(copy.deepcopy(model), cfg.quant, cfg.export.target)
-        stats = quant.merge_stats(quant.collect_stats(ptq, calib_loader, session.device,
-                                                      cfg.calib.num_batches, cfg.quant.num_bins))
+        ptq, stats, _ = quantized_copy_with_stats(session, model, calib_loader)
         quant.apply_ranges(ptq, stats, cfg.calib.method, cfg.calib.percentile)
         state.baselines["ptq"] = {"method": cfg.calib.method, **metric_of(ptq)}
         if mode == "calib":
