@@ -37,6 +37,9 @@ USER_DEFAULTS: dict[str, Any] = {
     "class_weights": None,
 }
 _DATASETS = {"cityscapes": Cityscapes, "camvid": CamVid}
+# get_model builds an untrained PIDNet: calibration, QAT, sensitivity and export need model_path
+# (trained float weights, e.g. from qat_train.py --mode float, or an official checkpoint).
+RETURNS_TRAINED_MODEL = False
 
 
 def settings(cfg: Config) -> dict[str, Any]:

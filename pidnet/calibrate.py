@@ -12,13 +12,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-
 from . import quant
 from .cli import base_parser, run_cli
 from .engine import pick_metric
 from .errors import QualityGateError
 from .pipeline import (build_criterion, build_model, evaluate_model, quantized_copy_with_stats,
-                       save_quantized, start_session)
+                       require_trained_model, save_quantized, start_session)
 from .reports import format_table, write_json
 
 logger = logging.getLogger(__name__)
@@ -34,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _calibrate(args: argparse.Namespace) -> None:
-    session = start_session(args, default_output="runs/calibrate", force=args.force,
-                            resumable=False)
+    session = start_session(
+        args, default_output="runs/calibrate", force=args.force, resumable=False,
+        validate=lambda cfg, hooks: require_trained_model(hooks, cfg, "calibrate.py"))
     cfg, out = session.cfg, session.out
     float_model = build_model(session)
     criterion = build_criterion(session)

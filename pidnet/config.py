@@ -68,10 +68,13 @@ class QatConfig:
 
 @dataclass
 class SensitivityConfig:
-    tolerance: float = 0.5
-    direction: str = "disable_one"  # disable_one | enable_one
-    num_batches: int | None = None
-    output_file: str = "sensitivity_model.pt"
+    """``sensitivity_analysis.py``: per-layer sweep and the float-layer selection."""
+
+    tolerance: float = 0.5          # allowed drop from float, in metric units (0.5 mIoU points)
+    direction: str = "disable_one"  # disable_one (only that layer float) | enable_one
+    num_batches: int | None = None  # a fixed subset of the val split; null: all of it
+    output_file: str = "sensitivity_model.pt"   # the selected model; relative to output_dir
+    max_float_layers: int | None = None   # null: any number, short of every layer
 
 
 @dataclass

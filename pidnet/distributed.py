@@ -7,21 +7,39 @@ import torch
 import torch.distributed as dist
 
 
-def init_from_env(device: torch.device) -> torch.device:
+def init_from_env(device: torch.device, join: bool = True) -> torch.device:
     """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1): nccl on CUDA,
-    gloo on CPU. Returns the device this rank should use."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    gloo on CPU. Returns the device this rank should use. With ``join`` false only the
+    device is chosen; ``join_group`` joins later."""
+    if env_world_size() <= 1 or dist.is_initialized():
         return device
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if join:
+        join_group(device)
     return device
 
 
+def join_group(device: torch.device) -> None:
+    if env_world_size() > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def env_world_size() -> int:
+    """Processes torchrun started (1 without torchrun), whether or not they joined a group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_rank() -> int:
+    """This process's rank as torchrun set it (0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    """This process's rank: in the group once joined, else as torchrun numbered it."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else env_rank()
 
 
 def world_size() -> int:

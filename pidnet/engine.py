@@ -79,10 +79,14 @@ def to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def _progress(iterable: Iterable, desc: str) -> Iterable:
-    """A tqdm bar on an interactive terminal of the main process, the bare iterable otherwise."""
-    disable = not sys.stderr.isatty() or not is_main()
-    return tqdm(iterable, desc=desc, leave=False, disable=disable, dynamic_ncols=True)
+def interactive() -> bool:
+    """Whether progress bars are shown: the main process on a terminal."""
+    return sys.stderr.isatty() and is_main()
+
+
+def progress_bar(iterable: Iterable, desc: str, leave: bool = False) -> Iterable:
+    """A tqdm bar (with its ETA) when ``interactive()``, the bare iterable otherwise."""
+    return tqdm(iterable, desc=desc, leave=leave, disable=not interactive(), dynamic_ncols=True)
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable, criterion: Callable[[Any, Any], Any],
@@ -100,7 +104,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: Callable[[Any
                 module.eval()
     total, count, images = 0.0, 0, 0
     start = time.perf_counter()
-    for step, (inputs, targets) in enumerate(_progress(loader, f"epoch {epoch}")):
+    for step, (inputs, targets) in enumerate(progress_bar(loader, f"epoch {epoch}")):
         inputs, targets = to_device(inputs, device), to_device(targets, device)
         loss = criterion(model(inputs), targets)
         if not torch.isfinite(loss):
@@ -132,7 +136,7 @@ def mean_loss(model: nn.Module, loader: Iterable, criterion: Callable[[Any, Any]
     """The default ``evaluate``: the criterion averaged over the loader."""
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64), 0
-    for inputs, targets in _progress(loader, "eval"):
+    for inputs, targets in progress_bar(loader, "eval"):
         inputs, targets = to_device(inputs, device), to_device(targets, device)
         total += criterion(model(inputs), targets).double().cpu()
         count += 1

@@ -124,6 +124,12 @@ class Hooks:
         return self.module.get_criterion(cfg)
 
     @property
+    def returns_trained_model(self) -> bool:
+        """False when the hooks file sets ``RETURNS_TRAINED_MODEL = False``: its ``get_model``
+        builds an untrained network, so quantizing needs ``model_path``."""
+        return bool(getattr(self.module, "RETURNS_TRAINED_MODEL", True))
+
+    @property
     def has_evaluate(self) -> bool:
         return "evaluate" in self._arity
 

@@ -17,7 +17,7 @@ from .checkpoint import load_weights, read_checkpoint, save_checkpoint
 from .config import Config, config_to_dict, load_config, save_config
 from .distributed import init_from_env, is_main, rank
 from .engine import mean_loss, resolve_device, seed_everything
-from .errors import CheckpointError, DataError
+from .errors import CheckpointError, DataError, InputError
 from .hooks import Hooks, load_hooks
 from .reports import prepare_output_dir
 
@@ -36,18 +36,20 @@ class Session:
 
 def start_session(args: argparse.Namespace, default_output: str, resume: bool = False,
                   force: bool = False, resumable: bool = True,
-                  validate: Callable[[Config], None] | None = None) -> Session:
+                  validate: Callable[[Config, Hooks], None] | None = None,
+                  join_group: bool = True) -> Session:
     """Resolve the config, check the hooks, prepare the run folder and seed everything.
 
     Inputs are all checked (``validate`` adds the script's own checks) before the run folder
-    is touched, so bad input changes nothing.
+    is touched, so bad input changes nothing. Under torchrun the process joins the group
+    unless ``join_group`` is false (a script that shares work out by itself joins later).
     """
     cfg = load_config(args.config, args.set)
     if cfg.output_dir is None:
         cfg.output_dir = default_output
-    if validate is not None:
-        validate(cfg)
     hooks = load_hooks(cfg.hooks)
+    if validate is not None:
+        validate(cfg, hooks)
     device = resolve_device(cfg.device)
     if cfg.data_path is not None and not Path(cfg.data_path).exists():
         raise DataError(f"data_path {cfg.data_path} does not exist; fix it, or set it to null "
@@ -55,7 +57,7 @@ def start_session(args: argparse.Namespace, default_output: str, resume: bool = 
     if cfg.model_path is not None and not Path(cfg.model_path).is_file():
         raise CheckpointError(f"model_path {cfg.model_path} does not exist")
     out = prepare_output_dir(cfg.output_dir, resume=resume, force=force, resumable=resumable)
-    device = init_from_env(device)
+    device = init_from_env(device, join=join_group)
     if is_main():
         for item in args.set:
             logger.info("override: %s", item)
@@ -108,23 +110,84 @@ def quantized_copy_with_stats(session: Session, float_model: nn.Module, loader: 
     return model, stats, time.perf_counter() - start
 
 
-def save_quantized(path: Path, model: nn.Module, cfg: Config, **info: Any) -> Path:
-    """A quantized model as a plain checkpoint: weights and ranges plus modelopt's state."""
+def save_quantized(path: Path, model: nn.Module, cfg: Config, target: str | None = None,
+                   **info: Any) -> Path:
+    """A quantized model as a plain checkpoint: weights and ranges plus modelopt's state and
+    the deployment ``target`` its quantizers were placed for (default ``export.target``)."""
     from . import quant
 
     return save_checkpoint({"kind": "quantized", "model": model.state_dict(),
                             "modelopt_state": quant.quant_state(model),
+                            "target": target or cfg.export.target,
                             "config": config_to_dict(cfg), **info}, path)
 
 
+def checkpoint_target(ckpt: dict[str, Any]) -> str:
+    """The deployment target a quantized checkpoint was placed for."""
+    return ckpt.get("target") or ckpt.get("config", {}).get("export", {}).get("target",
+                                                                                "tensorrt")
+
+
+def is_quantized_checkpoint(session: Session, path: str | Path | None) -> bool:
+    """Whether ``path`` is one of this toolkit's quantized checkpoints (a hooks file that loads
+    ``model_path`` itself owns its format: it is treated as float weights)."""
+    if path is None or session.hooks.model_loads_itself:
+        return False
+    return read_checkpoint(path).get("kind") == "quantized"
+
+
 def load_quantized(session: Session, path: str | Path) -> nn.Module:
-    """The hooks' model with the quantizers, weights and ranges of a quantized checkpoint."""
+    """The hooks' model with the quantizers, weights and ranges of a quantized checkpoint.
+
+    A checkpoint placed for another deployment target than ``export.target`` is a
+    ``CheckpointError``: its quantizers sit where that target wants them."""
     from . import quant
 
     ckpt = read_checkpoint(path)
     if ckpt.get("kind") != "quantized" or "modelopt_state" not in ckpt:
         raise CheckpointError(f"{path} is not a quantized checkpoint (no modelopt state); "
                               "make one with calibrate.py or qat_train.py")
+    target = checkpoint_target(ckpt)
+    if target != session.cfg.export.target:
+        raise CheckpointError(f"{path} was quantized for export.target={target}, not "
+                              f"{session.cfg.export.target}; set export.target={target}, or "
+                              f"calibrate or train again with "
+                              f"--set export.target={session.cfg.export.target}")
     model = session.hooks.get_model(session.cfg)
     model = quant.restore_quantized(model, ckpt["modelopt_state"], ckpt["model"])
     return model.to(session.device)
+
+
+def quantized_model(session: Session, float_model: nn.Module | None = None
+                    ) -> tuple[nn.Module, str]:
+    """The quantized model a script works on, and where it came from.
+
+    ``model_path`` a quantized checkpoint: loaded with its ranges. Otherwise the float model
+    (``model_path`` float weights, or the hooks' own model) is quantized here and calibrated
+    with ``calib.method`` on ``calib.num_batches`` of the calib split.
+    """
+    from . import quant
+
+    cfg = session.cfg
+    if is_quantized_checkpoint(session, cfg.model_path):
+        return load_quantized(session, cfg.model_path), f"quantized checkpoint {cfg.model_path}"
+    if float_model is None:
+        float_model = build_model(session)
+    model, stats, _ = quantized_copy_with_stats(
+        session, float_model, session.hooks.get_data_loader(cfg, "calib"))
+    quant.apply_ranges(model, stats, cfg.calib.method, cfg.calib.percentile)
+    origin = (f"float weights {cfg.model_path}" if cfg.model_path is not None
+              else f"the model returned by {cfg.hooks}")
+    return model, f"{origin}, calibrated here with {cfg.calib.method}"
+
+
+def require_trained_model(hooks: Hooks, cfg: Config, purpose: str) -> None:
+    """Refuse, before any work, to quantize a model the hooks declare untrained.
+
+    A hooks file returns a trained model by default (the original README's contract); one
+    whose ``get_model`` builds an untrained network says so with ``RETURNS_TRAINED_MODEL =
+    False`` and then needs ``model_path``."""
+    if cfg.model_path is None and not hooks.returns_trained_model:
+        raise InputError(f"{purpose} needs trained weights, and get_model in {cfg.hooks} "
+                         "returns an untrained network: set model_path (e.g. "
+                         "runs/float/best.pt from qat_train.py --mode float)")

@@ -52,6 +52,23 @@ def prepare_output_dir(path: str | Path, resume: bool = False, force: bool = Fal
     return path
 
 
+def versions() -> dict[str, str]:
+    """Versions of Python, this toolkit and the libraries whose behaviour shapes its figures."""
+    import platform
+    from importlib import metadata
+
+    found = {"python": platform.python_version()}
+    for package in ("pidnetqat", "torch", "torchvision", "nvidia-modelopt", "onnx",
+                    "onnxruntime"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            if package == "pidnetqat":
+                from . import __version__
+                found[package] = __version__
+    return found
+
+
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     """A plain fixed-width text table; floats with two decimals."""
     def cell(v: Any) -> str:

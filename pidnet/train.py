@@ -31,9 +31,10 @@ from .cli import base_parser, run_cli
 from .config import Config, config_to_dict
 from .distributed import barrier, is_main, shutdown, world_size
 from .engine import build_scheduler, pick_metric, rng_state, set_rng_state, train_one_epoch
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError
+from .hooks import Hooks
 from .pipeline import (Session, build_criterion, build_model, evaluate_model,
-                       quantized_copy_with_stats, start_session)
+                       quantized_copy_with_stats, require_trained_model, start_session)
 from .reports import write_csv, write_json
 
 logger = logging.getLogger(__name__)
@@ -134,11 +135,10 @@ def _sync_tracked_ranges(model: nn.Module) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    def needs_weights(cfg: Config) -> None:
+    def needs_weights(cfg: Config, hooks: Hooks) -> None:
         started = (Path(cfg.output_dir) / "last.pt").exists()
-        if args.mode != "float" and cfg.model_path is None and not (args.resume and started):
-            raise InputError(f"--mode {args.mode} fine-tunes trained float weights: set "
-                             "model_path (e.g. runs/float/best.pt from --mode float)")
+        if args.mode != "float" and not (args.resume and started):
+            require_trained_model(hooks, cfg, f"--mode {args.mode}")
 
     session = start_session(args, default_output=f"runs/{args.mode}", resume=args.resume,
                             force=args.force, validate=needs_weights)

@@ -33,7 +33,8 @@ def tiny_config(tmp_path: Path, **overrides) -> Path:
     return path
 
 
-def run_script(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+def run_script(script: str, *args: str, timeout: float = 300,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**(env or os.environ), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
     return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=ROOT)

@@ -136,3 +136,23 @@ def test_save_and_restore_give_identical_outputs():
         assert torch.equal(model(x), restored(x))
     with pytest.raises(CheckpointError, match="does not fit"):
         quant.restore_quantized(create_model("pidnet_s", 5, augment=False), state, weights)
+
+
+@pytest.mark.parametrize("target,output_on", [("tensorrt", False), ("onnxruntime", True)])
+def test_enabling_a_layer_switches_on_only_the_quantizers_it_was_placed_with(target, output_on):
+    torch.manual_seed(0)
+    model = quant.insert_quantizers(TinyNet().eval(), QuantConfig(), target)
+    x = torch.randn(2, 3, 8, 8)
+    quant.apply_ranges(model, quant.collect_stats(model, [(x, None)], torch.device("cpu")), "max")
+    placed = {n for n, q in quant.quantizers(model).items() if q.is_enabled}
+    layers = quant.layer_quantizers(model)
+    with quant.layers_enabled(model, layers, False):
+        with quant.layers_enabled(model, ["conv1"], True):
+            on = {n for n, q in quant.quantizers(model).items() if q.is_enabled}
+    assert on == {n for n in placed if n.startswith("conv1.")}
+    assert ("conv1.output_quantizer" in on) == output_on
+    assert "conv1.input_quantizer" in on and "conv1.weight_quantizer" in on
+    # the unused layer saw no data: it has no range and is never switched on
+    with quant.layers_enabled(model, ["unused"], True):
+        assert not model.unused.input_quantizer.is_enabled
+        assert model.unused.weight_quantizer.is_enabled

@@ -10,11 +10,20 @@ kernels need a quantized input, weight and output.
 """
 from __future__ import annotations
 
-from .modules import (
+import logging
+import warnings
+
+# Importing modelopt on a machine without CUDA makes torch warn that no CUDA runtime exists and
+# that torch.jit.script is deprecated: nothing a user can act on, so it stays off the console.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".torch.jit.script. is deprecated")
+
+from .modules import (  # noqa: E402
     QuantAdd,
     QuantBlend,
     activation_quantizers,
     execution_order,
+    has_range,
     insert_quantizers,
     layer_quantizers,
     layers_enabled,
@@ -24,12 +33,17 @@ from .modules import (
     restore_quantized,
     set_weight_ranges,
 )
-from .qat import LearnedRangeQuantizer, RangeTracker, make_ranges_learnable, make_ranges_static
-from .stats import ActivationStats, apply_ranges, collect_stats, merge_stats
+from .qat import (  # noqa: E402
+    LearnedRangeQuantizer,
+    RangeTracker,
+    make_ranges_learnable,
+    make_ranges_static,
+)
+from .stats import ActivationStats, apply_ranges, collect_stats, merge_stats  # noqa: E402
 
 __all__ = [
     "ActivationStats", "LearnedRangeQuantizer", "QuantAdd", "QuantBlend", "RangeTracker",
-    "activation_quantizers", "apply_ranges", "collect_stats", "execution_order",
+    "activation_quantizers", "apply_ranges", "collect_stats", "execution_order", "has_range",
     "insert_quantizers", "layer_quantizers", "layers_enabled", "make_ranges_learnable",
     "make_ranges_static", "match_layers", "merge_stats", "quant_state", "quantizers",
     "restore_quantized", "set_weight_ranges",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import io
 import logging
 import warnings
 from collections.abc import Iterable, Iterator
@@ -104,7 +105,8 @@ def insert_quantizers(model: nn.Module, qcfg: QuantConfig, target: str = "tensor
     Weight ranges are set at once (per-channel max); activation ranges come from
     ``calibrate`` or from training. Layers in ``qcfg.exclude`` keep their quantizers disabled.
     """
-    model = mtq.quantize(model, _quant_cfg(qcfg, target), forward_loop=None)
+    with contextlib.redirect_stdout(io.StringIO()):   # modelopt prints a count of its own
+        model = mtq.quantize(model, _quant_cfg(qcfg, target), forward_loop=None)
     layers = layer_quantizers(model)
     excluded = match_layers(layers, qcfg.exclude)
     unknown = [p for p in qcfg.exclude if not match_layers(layers, [p])]
@@ -155,10 +157,20 @@ def execution_order(model: nn.Module, example: Any) -> list[str]:
     return order + [n for n in layers if n not in order]
 
 
+def has_range(q: TensorQuantizer) -> bool:
+    """Whether ``q`` holds a range, i.e. belongs to the quantized model as placed and
+    calibrated. A quantizer the placement left off (under ``tensorrt``, a convolution's
+    ``output_quantizer``) or that saw no calibration data has none."""
+    return q.amax is not None
+
+
 @contextlib.contextmanager
 def layers_enabled(model: nn.Module, names: Iterable[str], enabled: bool) -> Iterator[None]:
     """Enable (or disable) the quantizers of the named layers for the body; every
-    quantizer's previous state is restored afterwards, even when the body raises."""
+    quantizer's previous state is restored afterwards, even when the body raises.
+
+    Enabling switches on only the quantizers that hold a range: exactly those the fully
+    quantized model uses, never one the placement left off."""
     all_q = quantizers(model)
     saved = {n: q.is_enabled for n, q in all_q.items()}
     owners = {name: [q for q in all_q if q.rsplit(".", 1)[0] == name] for name in names}
@@ -168,7 +180,10 @@ def layers_enabled(model: nn.Module, names: Iterable[str], enabled: bool) -> Ite
     try:
         for qs in owners.values():
             for q in qs:
-                (all_q[q].enable if enabled else all_q[q].disable)()
+                if not enabled:
+                    all_q[q].disable()
+                elif has_range(all_q[q]):
+                    all_q[q].enable()
         yield
     finally:
         for n, q in all_q.items():

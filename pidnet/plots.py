@@ -1,0 +1,56 @@
+"""Figures written beside the JSON they are drawn from (matplotlib, no screen needed)."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_write
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    plt = _pyplot()
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110,
+                                                        bbox_inches="tight"))
+    finally:
+        plt.close(fig)
+
+
+def plot_sensitivity(rows: Sequence[Mapping[str, Any]], order: Sequence[str],
+                     baseline: Mapping[str, float], metric: str, direction: str,
+                     path: str | Path) -> Path:
+    """Horizontal bars, one per layer, most sensitive on top (``order``); the float and fully
+    quantized metrics as vertical lines. The figure grows with the number of layers."""
+    plt = _pyplot()
+    by_name = {r["layer"]: r for r in rows}
+    values = [by_name[n]["metric"] for n in order]
+    low = min(values + [baseline["float"], baseline["quantized"]])
+    high = max(values + [baseline["float"], baseline["quantized"]])
+    pad = 0.05 * (high - low) or 1.0
+    fig, ax = plt.subplots(figsize=(9, 1.6 + 0.16 * len(order)))
+    ax.barh(range(len(order)), [v - (low - pad) for v in values], left=low - pad,
+            color="tab:blue", height=0.7)
+    ax.axvline(baseline["float"], color="tab:green", linestyle="--",
+               label=f"float {baseline['float']:.2f}")
+    ax.axvline(baseline["quantized"], color="tab:red", linestyle="--",
+               label=f"fully quantized {baseline['quantized']:.2f}")
+    ax.set_yticks(range(len(order)), order, fontsize=6 if len(order) > 40 else 8)
+    ax.set_ylim(len(order) - 0.5, -0.5)
+    ax.set_xlim(low - pad, high + pad)
+    what = "only this layer float" if direction == "disable_one" else "only this layer quantized"
+    ax.set_xlabel(f"{metric} with {what}")
+    ax.set_title(f"Quantization sensitivity per layer ({len(order)} layers, most sensitive on top)",
+                 fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
