@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from pidnet.config import Config
+from pidnet.config import Bounds, Config
 from pidnet.data import CamVid, Cityscapes, SegmentationTransform, SyntheticScenes, detect_dataset
 from pidnet.engine import main_prediction, seed_worker
 from pidnet.errors import ConfigError
@@ -42,13 +42,57 @@ _DATASETS = {"cityscapes": Cityscapes, "camvid": CamVid}
 RETURNS_TRAINED_MODEL = False
 
 
+MODELS = ("pidnet_s", "pidnet_m", "pidnet_l")
+# Allowed values of the numeric settings; the pairs hold two numbers each.
+USER_BOUNDS: dict[str, Bounds] = {
+    "batch_size": Bounds(1), "eval_batch_size": Bounds(1), "workers": Bounds(0),
+    "image_size": Bounds(8), "crop_size": Bounds(8), "scale_range": Bounds(above=0),
+    "train_images": Bounds(1), "val_images": Bounds(1), "calib_images": Bounds(1),
+    "data_seed": Bounds(0), "boundary_width": Bounds(1), "ohem_min_kept": Bounds(1),
+    "ohem_thresh": Bounds(above=0, high=1), "class_weights": Bounds(0),
+}
+PAIRS = ("image_size", "crop_size", "scale_range")
+REALS = ("scale_range", "ohem_thresh", "class_weights")   # the others are whole numbers
+
+
 def settings(cfg: Config) -> dict[str, Any]:
-    """``USER_DEFAULTS`` overridden by ``cfg.user``; an unknown key is an error."""
+    """``USER_DEFAULTS`` overridden by ``cfg.user``; an unknown key or a bad value is a
+    ``ConfigError`` (exit 2, one line)."""
     for key in cfg.user:
         if key not in USER_DEFAULTS:
             raise ConfigError(f"unknown config key 'user.{key}' for my_model.py; valid keys: "
                               f"{', '.join(USER_DEFAULTS)}")
-    return {**USER_DEFAULTS, **cfg.user}
+    user = {**USER_DEFAULTS, **cfg.user}
+    if user["model"] not in MODELS:
+        raise ConfigError(f"config key 'user.model' must be one of {', '.join(MODELS)}, "
+                          f"got {user['model']!r}")
+    for key, bounds in USER_BOUNDS.items():
+        value = user[key]
+        if key == "class_weights" and value is None:
+            continue
+        items = value if isinstance(value, list) else [value]
+        kinds = (int, float) if key in REALS else (int,)
+        numeric = all(isinstance(v, kinds) and not isinstance(v, bool) for v in items)
+        if key in PAIRS:
+            shaped, what = isinstance(value, list) and len(value) == 2, "two numbers"
+            what = what if key in REALS else "two integers"
+        elif key == "class_weights":
+            shaped, what = isinstance(value, list), "null or a list of numbers"
+        else:
+            shaped = not isinstance(value, list)
+            what = "a number" if key in REALS else "an integer"
+        if not (numeric and shaped):
+            raise ConfigError(f"config key 'user.{key}' must be {what}, got {value!r}")
+        bounds.check(f"user.{key}", value)
+    if user["scale_range"][0] > user["scale_range"][1]:
+        raise ConfigError(f"config key 'user.scale_range' must be [low, high] with low <= high, "
+                          f"got {user['scale_range']!r}")
+    return user
+
+
+def check_config(cfg: Config) -> None:
+    """Checked at start-up, before any work."""
+    settings(cfg)
 
 
 def num_classes(cfg: Config) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,69 +19,126 @@ import yaml
 from .errors import ConfigError
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """The allowed values of a number: ``low``/``high`` inclusive, ``above``/``below``
+    exclusive. A bound may name a sibling key of the same section (``"epochs"``)."""
+
+    low: float | str | None = None
+    high: float | str | None = None
+    above: float | None = None
+    below: float | None = None
+
+    def describe(self, section: Any = None, prefix: str = "") -> str:
+        def show(bound: float | str) -> str:
+            if isinstance(bound, str):
+                return (f"{prefix}{bound} ({getattr(section, bound)})" if section
+                        else f"{prefix}{bound}")
+            return str(bound)
+        low = f"[{show(self.low)}" if self.low is not None else (
+            f"({show(self.above)}" if self.above is not None else "(-inf")
+        high = f"{show(self.high)}]" if self.high is not None else (
+            f"{show(self.below)})" if self.below is not None else "inf)")
+        return f"{low}, {high}"
+
+    def allows(self, value: float, section: Any = None) -> bool:
+        def resolve(bound: float | str) -> float:
+            return getattr(section, bound) if isinstance(bound, str) else bound
+        return ((self.low is None or value >= resolve(self.low))
+                and (self.high is None or value <= resolve(self.high))
+                and (self.above is None or value > self.above)
+                and (self.below is None or value < self.below))
+
+    def check(self, key: str, value: Any, section: Any = None, prefix: str = "") -> None:
+        """``ConfigError`` naming ``key``, the value and the allowed range when ``value`` (or
+        an item of a list) falls outside; ``None`` passes (optional keys)."""
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and not self.allows(item, section):
+                raise ConfigError(f"config key '{key}' must be in "
+                                  f"{self.describe(section, prefix)}, got {value!r}")
+
+
+def ranged(default: Any, low: float | str | None = None, high: float | str | None = None, *,
+           above: float | None = None, below: float | None = None) -> Any:
+    """A field with its default and its allowed values (checked by ``load_config``)."""
+    return field(default=default, metadata={"bounds": Bounds(low, high, above, below)})
+
+
+# Allowed values live next to each field (``ranged``); ``python -m pidnet.config`` lists them.
 @dataclass
 class CalibConfig:
     method: str = "entropy"
     methods: list[str] = field(default_factory=lambda: ["max", "percentile", "mse", "entropy"])
-    num_batches: int = 16
-    percentile: float = 99.99
+    num_batches: int = ranged(16, 1)
+    percentile: float = ranged(99.99, above=0, high=100)
 
 
 @dataclass
 class QuantConfig:
     """Where fake-quant modules go and how many bits they use."""
 
-    weight_bits: int = 8            # per output channel when per_channel
-    act_bits: int = 8               # per tensor
+    # INT8 and below: what TensorRT's and onnxruntime's integer kernels run
+    weight_bits: int = ranged(8, 2, 8)    # per output channel when per_channel
+    act_bits: int = ranged(8, 2, 8)       # per tensor
     per_channel: bool = True
     residual: bool = True           # skip input of residual adds, inputs of the gated fusions
     exclude: list[str] = field(default_factory=list)   # layers kept float: exact names or globs
-    num_bins: int = 2048            # histogram bins for activation statistics
+    num_bins: int = ranged(2048, 256, 1 << 20)   # histogram bins for activation statistics
 
 
 @dataclass
 class TrainConfig:
     """Float training (``qat_train.py --mode float``)."""
 
-    epochs: int = 30
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    epochs: int = ranged(30, 1)
+    lr: float = ranged(0.01, above=0)
+    momentum: float = ranged(0.9, 0, below=1)
+    weight_decay: float = ranged(5e-4, 0)
     schedule: str = "poly"          # poly | cosine | constant
-    poly_power: float = 0.9
-    log_interval: int = 20
+    poly_power: float = ranged(0.9, above=0)
+    log_interval: int = ranged(20, 0)   # steps between log lines; 0: none
 
 
 @dataclass
 class QatConfig:
-    """Quantization-aware training (``qat_train.py --mode calib|stats|direct``)."""
+    """Quantization-aware training (``qat_train.py --mode calib|stats|direct``). Zero epochs
+    is an error: the untrained quantized model is what calibrate.py saves."""
 
-    epochs: int = 3
-    lr: float = 2e-4                # about 1% of the float learning rate (NVIDIA's recipe)
+    epochs: int = ranged(3, 1)
+    lr: float = ranged(2e-4, above=0)   # about 1% of the float learning rate (NVIDIA's recipe)
     schedule: str = "cosine"
-    freeze_bn_epochs: int = 1       # last epochs with batch-norm statistics frozen
-    freeze_ranges_epochs: int = 1   # last epochs with activation ranges frozen (stats, direct)
-    range_momentum: float = 0.9     # stats: moving-average momentum of the tracked ranges
-    direct_init_amax: float = 4.0   # direct: data-free starting range of every activation
-    range_lr_scale: float = 10.0    # direct: learning rate of the ranges / qat.lr
-    log_interval: int = 20
+    freeze_bn_epochs: int = ranged(1, 0, "epochs")       # last epochs with batch norm frozen
+    freeze_ranges_epochs: int = ranged(1, 0, "epochs")   # last epochs with ranges frozen
+    range_momentum: float = ranged(0.9, 0, below=1)  # stats: moving average of the ranges
+    direct_init_amax: float = ranged(4.0, above=0)   # direct: data-free starting range
+    range_lr_scale: float = ranged(10.0, above=0)    # direct: learning rate of ranges / qat.lr
+    log_interval: int = ranged(20, 0)
 
 
 @dataclass
 class SensitivityConfig:
     """``sensitivity_analysis.py``: per-layer sweep and the float-layer selection."""
 
-    tolerance: float = 0.5          # allowed drop from float, in metric units (0.5 mIoU points)
+    tolerance: float = ranged(0.5, 0)   # allowed drop from float, in metric units (mIoU points)
     direction: str = "disable_one"  # disable_one (only that layer float) | enable_one
-    num_batches: int | None = None  # a fixed subset of the val split; null: all of it
+    num_batches: int | None = ranged(None, 1)   # a fixed subset of the val split; null: all
     output_file: str = "sensitivity_model.pt"   # the selected model; relative to output_dir
-    max_float_layers: int | None = None   # null: any number, short of every layer
+    max_float_layers: int | None = ranged(None, 0)   # null: any number, short of every layer
 
 
 @dataclass
 class ExportConfig:
-    opset: int = 17
-    target: str = "tensorrt"        # tensorrt | onnxruntime
+    """``export_onnx.py``: the ONNX graphs, their check in onnxruntime and their latency."""
+
+    opset: int = ranged(17, 13, 20)
+    target: str = "tensorrt"        # tensorrt | onnxruntime (chosen before calibration and QAT)
+    input_size: list[int] | None = ranged(None, 1)   # [H, W]; null: the val loader's first batch
+    batch: int = ranged(1, 1)
+    dynamic_batch: bool = False
+    min_agreement: float = ranged(0.995, 0, 1)   # argmax agreement, onnxruntime vs PyTorch
+    eval_batches: int | None = ranged(4, 1)      # val batches for the check; null: all
+    threads: int = ranged(2, 1)                  # onnxruntime intra-op threads for latency
+    latency_runs: int = ranged(20, 3)            # timed runs per graph (interleaved)
 
 
 @dataclass
@@ -90,7 +148,7 @@ class Config:
     strict_load: bool = True        # false: load only the tensors whose name and shape match
     data_path: str | None = None
     output_dir: str | None = None
-    seed: int = 0
+    seed: int = ranged(0, 0)
     device: str = "auto"            # auto | cpu | cuda
     metric: str | None = None       # key of evaluate()'s dict; null: miou if present, else first
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -111,10 +169,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sensitivity.direction": ("disable_one", "enable_one"),
     "export.target": ("tensorrt", "onnxruntime"),
 }
-NON_EMPTY = ("calib.methods",)
+NON_EMPTY = ("calib.methods", "sensitivity.output_file")
+LENGTHS = {"export.input_size": 2}
 # The original README's flat keys and where they live now.
 LEGACY_KEYS: dict[str, str] = {"tolerance": "sensitivity.tolerance",
                                "output_file": "sensitivity.output_file"}
+
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _suggest(key: str, valid: list[str]) -> str:
@@ -147,6 +209,8 @@ def _check_type(value: Any, hint: Any, key: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        return float(value)   # YAML 1.1 reads 1e-4 (no dot) as a string
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):
         raise ConfigError(f"config key '{key}' must be {_describe(hint)}, got {value!r}")
     return value
@@ -182,7 +246,32 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
                                   f"{', '.join(CHOICES[full])}, got {bad[0]!r}")
             if full in NON_EMPTY and not values:
                 raise ConfigError(f"config key '{full}' must not be empty")
-    return cls(**kwargs)
+            if full in LENGTHS and kwargs[key] is not None and len(values) != LENGTHS[full]:
+                raise ConfigError(f"config key '{full}' must hold {LENGTHS[full]} values, "
+                                  f"got {kwargs[key]!r}")
+    section = cls(**kwargs)
+    check_bounds(section, prefix)
+    return section
+
+
+def check_bounds(section: Any, prefix: str = "") -> None:
+    """Every field of ``section`` that carries ``Bounds`` holds an allowed value."""
+    for f in dataclasses.fields(section):
+        bounds = f.metadata.get("bounds")
+        if bounds is not None:
+            bounds.check(f"{prefix}{f.name}", getattr(section, f.name), section, prefix)
+
+
+def all_bounds(cls: type = None, prefix: str = "") -> dict[str, Bounds]:
+    """Every key with allowed values, by its dotted name (for the docs and the tests)."""
+    found: dict[str, Bounds] = {}
+    for f in dataclasses.fields(cls or Config):
+        hint = typing.get_type_hints(cls or Config)[f.name]
+        if dataclasses.is_dataclass(hint):
+            found.update(all_bounds(hint, f"{prefix}{f.name}."))
+        elif "bounds" in f.metadata:
+            found[f"{prefix}{f.name}"] = f.metadata["bounds"]
+    return found
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -240,3 +329,15 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML, so the run can be reproduced from its folder."""
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+if __name__ == "__main__":   # python -m pidnet.config: every key's default and allowed values
+    defaults = config_to_dict(Config())
+    for key, bounds in all_bounds().items():
+        node: Any = defaults
+        for part in key.split("."):
+            node = node[part]
+        prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        print(f"{key:32s} default {node!r:12s} allowed {bounds.describe(prefix=prefix)}")
+    for key, options in CHOICES.items():
+        print(f"{key:32s} one of {', '.join(options)}")

@@ -7,6 +7,8 @@ Current signatures (DESIGN.md)::
     get_optimizer(model, cfg) -> torch.optim.Optimizer
     get_criterion(cfg) -> callable(outputs, targets) -> scalar tensor
     evaluate(model, loader, cfg) -> dict[str, float]                 optional
+    check_config(cfg) -> None                                        optional: raise
+                                                                     ConfigError on a bad value
 
 The original README's signatures (``get_model(model_path)``, ``get_data_loader(data_path)``,
 ``get_optimizer(model)``, ``get_criterion()``) keep working.
@@ -97,6 +99,13 @@ class Hooks:
     def _param0(self, name: str) -> str:
         params = list(inspect.signature(getattr(self.module, name)).parameters)
         return params[0] if params else ""
+
+    def check_config(self, cfg: Config) -> None:
+        """The optional ``check_config(cfg)`` hook: the hooks' own settings (``user:``) checked
+        before any work; it reports a bad value by raising ``pidnet.errors.ConfigError``."""
+        check = getattr(self.module, "check_config", None)
+        if callable(check):
+            check(cfg)
 
     def get_model(self, cfg: Config) -> nn.Module:
         arg = cfg.model_path if self.model_loads_itself else cfg

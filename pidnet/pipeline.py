@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from torch import nn
 from .checkpoint import load_weights, read_checkpoint, save_checkpoint
 from .config import Config, config_to_dict, load_config, save_config
 from .distributed import init_from_env, is_main, rank
-from .engine import mean_loss, resolve_device, seed_everything
+from .engine import mean_loss, resolve_device, seed_everything, to_device
 from .errors import CheckpointError, DataError, InputError
 from .hooks import Hooks, load_hooks
 from .reports import prepare_output_dir
@@ -48,6 +49,7 @@ def start_session(args: argparse.Namespace, default_output: str, resume: bool = 
     if cfg.output_dir is None:
         cfg.output_dir = default_output
     hooks = load_hooks(cfg.hooks)
+    hooks.check_config(cfg)
     if validate is not None:
         validate(cfg, hooks)
     device = resolve_device(cfg.device)
@@ -65,6 +67,30 @@ def start_session(args: argparse.Namespace, default_output: str, resume: bool = 
         save_config(cfg, out / "config.yaml")
     seed_everything(cfg.seed + rank())
     return Session(cfg, out, hooks, device)
+
+
+class FixedBatches:
+    """The same batches for every measurement: the first ``num_batches`` of ``loader`` drawn
+    once (with the torch seed set, so a shuffling loader gives a fixed, seeded subset) and kept
+    on the device; with ``num_batches`` null, the loader itself. ``dataset`` is passed
+    through for hooks that read it."""
+
+    def __init__(self, loader: Iterable, num_batches: int | None, device: torch.device,
+                 seed: int) -> None:
+        self.dataset = getattr(loader, "dataset", None)
+        if num_batches is None:
+            self._source: Iterable = loader
+        else:
+            torch.manual_seed(seed)
+            self._source = [to_device(b, device) for b in itertools.islice(loader, num_batches)]
+            if not self._source:
+                raise DataError("the val loader yielded no batches; check get_data_loader")
+
+    def __iter__(self) -> Iterator:
+        return iter(self._source)
+
+    def __len__(self) -> int:
+        return len(self._source)  # type: ignore[arg-type]
 
 
 def build_model(session: Session) -> nn.Module:
@@ -94,6 +120,14 @@ def evaluate_model(session: Session, model: nn.Module, loader: Iterable,
         return mean_loss(model, loader, criterion, session.device)
 
 
+def example_input(loader: Iterable, device: torch.device) -> Any:
+    """The inputs of the first batch of ``loader``, on ``device`` (for one forward pass that
+    reads the model's structure)."""
+    for inputs, _targets in loader:
+        return to_device(inputs, device)
+    raise DataError("the data loader yielded no batches; check get_data_loader")
+
+
 def quantized_copy_with_stats(session: Session, float_model: nn.Module, loader: Iterable
                               ) -> tuple[nn.Module, dict[str, Any], float]:
     """A fake-quant copy of ``float_model`` and its activation statistics, collected once over
@@ -102,7 +136,8 @@ def quantized_copy_with_stats(session: Session, float_model: nn.Module, loader: 
     from . import quant   # imports modelopt: only scripts that quantize pay for it
 
     cfg = session.cfg
-    model = quant.insert_quantizers(copy.deepcopy(float_model), cfg.quant, cfg.export.target)
+    model = quant.insert_quantizers(copy.deepcopy(float_model), cfg.quant, cfg.export.target,
+                                    example_input(loader, session.device))
     model = model.to(session.device)
     start = time.perf_counter()
     stats = quant.merge_stats(quant.collect_stats(model, loader, session.device,

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import itertools
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from .config import Config, config_to_dict
 from .distributed import env_world_size, join_group, rank, shutdown
 from .engine import interactive, pick_metric, progress_bar, to_device
 from .errors import InputError, QualityGateError
-from .pipeline import (Session, build_criterion, evaluate_model, quantized_model,
+from .pipeline import (FixedBatches, Session, build_criterion, evaluate_model, quantized_model,
                        require_trained_model, save_quantized, start_session)
 from .plots import plot_sensitivity
 from .reports import versions, write_csv, write_json
@@ -47,30 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true",
                         help="start over in an output_dir that holds results or a partial sweep")
     return parser
-
-
-class FixedBatches:
-    """The same batches for every measurement: the first ``num_batches`` of ``loader`` drawn
-    once (with the torch seed set, so a shuffling loader gives a fixed, seeded subset) and kept
-    on the device; with ``num_batches`` null, the loader itself. ``dataset`` is passed
-    through for hooks that read it."""
-
-    def __init__(self, loader: Iterable, num_batches: int | None, device: torch.device,
-                 seed: int) -> None:
-        self.dataset = getattr(loader, "dataset", None)
-        if num_batches is None:
-            self._source: Iterable = loader
-        else:
-            torch.manual_seed(seed)
-            self._source = [to_device(b, device) for b in itertools.islice(loader, num_batches)]
-            if not self._source:
-                raise InputError("the val loader yielded no batches; check get_data_loader")
-
-    def __iter__(self) -> Iterator:
-        return iter(self._source)
-
-    def __len__(self) -> int:
-        return len(self._source)  # type: ignore[arg-type]
 
 
 def _fingerprint(cfg: Config) -> str:

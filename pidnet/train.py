@@ -33,7 +33,7 @@ from .distributed import barrier, is_main, shutdown, world_size
 from .engine import build_scheduler, pick_metric, rng_state, set_rng_state, train_one_epoch
 from .errors import CheckpointError
 from .hooks import Hooks
-from .pipeline import (Session, build_criterion, build_model, evaluate_model,
+from .pipeline import (Session, build_criterion, build_model, evaluate_model, example_input,
                        quantized_copy_with_stats, require_trained_model, start_session)
 from .reports import write_csv, write_json
 
@@ -92,10 +92,12 @@ def _prepare_qat(session: Session, model: nn.Module, mode: str, criterion: Calla
         if mode == "calib":
             model = ptq
         elif mode == "stats":
-            model = quant.insert_quantizers(model, cfg.quant, cfg.export.target)
+            model = quant.insert_quantizers(model, cfg.quant, cfg.export.target,
+                                            example_input(calib_loader, session.device))
             quant.apply_ranges(model, stats, "max")
-        else:
-            model = quant.insert_quantizers(model, cfg.quant, cfg.export.target)
+        else:   # one forward pass reads the structure; no statistics are taken
+            model = quant.insert_quantizers(model, cfg.quant, cfg.export.target,
+                                            example_input(calib_loader, session.device))
     model = model.to(session.device)
     if mode == "direct":
         state.range_params = quant.make_ranges_learnable(model, cfg.qat.direct_init_amax)

@@ -6,7 +6,7 @@ from torch import nn
 
 from pidnet import quant
 from pidnet.config import QuantConfig
-from pidnet.errors import CheckpointError
+from pidnet.errors import CheckpointError, ConfigError
 from pidnet.model import Add, create_model
 
 
@@ -92,7 +92,7 @@ def test_exclusion_by_exact_name_does_not_catch_nested_namesakes():
     model = _quantized(exclude=["*.conv1"])
     assert model.conv1.input_quantizer.is_enabled
     assert not model.layer1[0].conv1.input_quantizer.is_enabled
-    with pytest.raises(ValueError, match="conv9"):
+    with pytest.raises(ConfigError, match="conv9"):
         _quantized(exclude=["conv9"])
 
 

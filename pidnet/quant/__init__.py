@@ -21,6 +21,7 @@ warnings.filterwarnings("ignore", message=".torch.jit.script. is deprecated")
 from .modules import (  # noqa: E402
     QuantAdd,
     QuantBlend,
+    QuantReLU,
     activation_quantizers,
     execution_order,
     has_range,
@@ -33,6 +34,7 @@ from .modules import (  # noqa: E402
     restore_quantized,
     set_weight_ranges,
 )
+from .export import disable_all, export_onnx, fold_batch_norms  # noqa: E402
 from .qat import (  # noqa: E402
     LearnedRangeQuantizer,
     RangeTracker,
@@ -42,8 +44,10 @@ from .qat import (  # noqa: E402
 from .stats import ActivationStats, apply_ranges, collect_stats, merge_stats  # noqa: E402
 
 __all__ = [
-    "ActivationStats", "LearnedRangeQuantizer", "QuantAdd", "QuantBlend", "RangeTracker",
-    "activation_quantizers", "apply_ranges", "collect_stats", "execution_order", "has_range",
+    "ActivationStats", "LearnedRangeQuantizer", "QuantAdd", "QuantBlend", "QuantReLU",
+    "RangeTracker",
+    "activation_quantizers", "apply_ranges", "disable_all", "export_onnx",
+    "fold_batch_norms", "collect_stats", "execution_order", "has_range",
     "insert_quantizers", "layer_quantizers", "layers_enabled", "make_ranges_learnable",
     "make_ranges_static", "match_layers", "merge_stats", "quant_state", "quantizers",
     "restore_quantized", "set_weight_ranges",

@@ -16,8 +16,9 @@ from modelopt.torch.quantization.nn import QuantModuleRegistry, TensorQuantizer
 from torch import nn
 
 from ..config import QuantConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..model import Add, Blend
+from .dataflow import Dataflow, trace_dataflow
 
 logger = logging.getLogger(__name__)
 
@@ -25,13 +26,26 @@ WEIGHT = "weight_quantizer"
 
 
 class QuantAdd(Add):
-    """``x + q(skip)``: the skip input carries the quantizer (NVIDIA's TensorRT placement)."""
+    """``q_out(x + q(skip))``: the skip input carries the quantizer (NVIDIA's TensorRT
+    placement); the output quantizer is used by the onnxruntime placement."""
 
     def _setup(self) -> None:
         self.skip_quantizer = TensorQuantizer()
+        self.output_quantizer = TensorQuantizer()
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return x + self.skip_quantizer(skip)
+        return self.output_quantizer(x + self.skip_quantizer(skip))
+
+
+class QuantReLU(nn.ReLU):
+    """``q(relu(x))``: under the onnxruntime placement the ReLU output is quantized unsigned,
+    so onnxruntime drops the ReLU into the integer kernel before it."""
+
+    def _setup(self) -> None:
+        self.output_quantizer = TensorQuantizer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_quantizer(super().forward(x))
 
 
 class QuantBlend(Blend):
@@ -50,7 +64,7 @@ class QuantBlend(Blend):
 warnings.filterwarnings("ignore", message="Distributed training is initialized but no "
                         "parallel_state")
 
-for _original, _quantized in ((Add, QuantAdd), (Blend, QuantBlend)):
+for _original, _quantized in ((Add, QuantAdd), (Blend, QuantBlend), (nn.ReLU, QuantReLU)):
     if _original not in QuantModuleRegistry:
         mtq.register(original_cls=_original, quantized_cls=_quantized)
 
@@ -67,9 +81,6 @@ def _quant_cfg(qcfg: QuantConfig, target: str) -> dict[str, Any]:
     if qcfg.residual:
         entries += [{"quantizer_name": f"*{n}", "cfg": act}
                     for n in ("skip_quantizer", "x_quantizer", "y_quantizer")]
-    if target == "onnxruntime":
-        entries.append({"quantizer_name": "*output_quantizer", "parent_class": "nn.Conv2d",
-                        "cfg": act})
     entries += [{"quantizer_name": "*", "parent_class": f"nn.BatchNorm{d}d", "enable": False}
                 for d in (1, 2, 3)]
     return {"quant_cfg": entries, "algorithm": None}
@@ -99,27 +110,84 @@ def match_layers(names: Iterable[str], patterns: Iterable[str]) -> list[str]:
                                                and fnmatch.fnmatchcase(n, p)) for p in patterns)]
 
 
-def insert_quantizers(model: nn.Module, qcfg: QuantConfig, target: str = "tensorrt") -> nn.Module:
+def insert_quantizers(model: nn.Module, qcfg: QuantConfig, target: str = "tensorrt",
+                      example: Any = None) -> nn.Module:
     """Replace supported modules by their fake-quant twins in place, ranges not yet set.
 
     Weight ranges are set at once (per-channel max); activation ranges come from
     ``calibrate`` or from training. Layers in ``qcfg.exclude`` keep their quantizers disabled.
+    The ``onnxruntime`` placement reads the dataflow off one forward pass of ``example`` (an
+    input batch) to put one quantizer on each tensor, at its producer.
     """
+    if target == "onnxruntime" and example is None:
+        raise ValueError("the onnxruntime placement needs an example input")
+    flow = trace_dataflow(model, example) if target == "onnxruntime" else None
     with contextlib.redirect_stdout(io.StringIO()):   # modelopt prints a count of its own
         model = mtq.quantize(model, _quant_cfg(qcfg, target), forward_loop=None)
     layers = layer_quantizers(model)
     excluded = match_layers(layers, qcfg.exclude)
     unknown = [p for p in qcfg.exclude if not match_layers(layers, [p])]
     if unknown:
-        raise ValueError(f"quant.exclude: {', '.join(unknown)} match no quantized layer")
+        raise ConfigError(f"config key 'quant.exclude': {', '.join(unknown)} match no quantized "
+                          f"layer; layer names look like {', '.join(list(layers)[:3])}")
     for name in excluded:
         for q in layers[name].values():
             q.disable()
+    if flow is not None:
+        _place_at_producers(model, flow, qcfg, set(excluded))
     set_weight_ranges(model)
-    logger.info("quantizers: %d enabled in %d layers (%d layers excluded)",
-                sum(q.is_enabled for q in quantizers(model).values()),
-                len(layers) - len(excluded), len(excluded))
+    layers = layer_quantizers(model)
+    logger.info("quantizers: %d enabled in %d layers (%d layers excluded, %s placement)",
+                sum(q.is_enabled for q in quantizers(model).values()), len(layers),
+                len(excluded), target)
     return model
+
+
+# input quantizers by the position of the argument they quantize
+_INPUT_QUANTIZERS = {"input_quantizer": 0, "skip_quantizer": 1, "x_quantizer": 0,
+                     "y_quantizer": 1}
+
+
+def _place_at_producers(model: nn.Module, flow: Dataflow, qcfg: QuantConfig,
+                        excluded: set[str]) -> None:
+    """The onnxruntime placement: every convolution, linear layer and residual add quantizes
+    its output, after the batch norm and ReLU that follow it when they are its only reader
+    (unsigned after a ReLU), as onnxruntime's integer kernels need a quantized input, weight
+    and output. A module whose input its producer already quantizes gets no input quantizer,
+    so each tensor carries one Q/DQ pair."""
+    modules = dict(model.named_modules())
+
+    def reader(name: str, kind: type, sole_input: bool) -> str | None:
+        """The one module of ``kind`` reading ``name``'s output (and nothing else, when
+        ``sole_input``: a batch norm to fold; a ReLU may be shared)."""
+        nxt = flow.only_consumer(name)
+        if nxt is None or not isinstance(modules[nxt], kind):
+            return None
+        return nxt if not sole_input or flow.inputs_from(nxt, 0) == {name} else None
+
+    quantized: set[str] = set()
+    for name, module in modules.items():
+        if name in excluded or not isinstance(module, (nn.Conv2d, nn.Linear, Add)):
+            continue
+        end = name
+        if not isinstance(module, Add):
+            end = reader(end, nn.modules.batchnorm._BatchNorm, True) or end
+        end = reader(end, nn.ReLU, False) or end
+        if end in excluded or not hasattr(modules[end], "output_quantizer"):
+            continue
+        q = modules[end].output_quantizer
+        q.set_from_attribute_config({"num_bits": qcfg.act_bits, "axis": None,
+                                     "unsigned": isinstance(modules[end], nn.ReLU),
+                                     "pass_through_bwd": False})
+        q.enable()
+        quantized.add(end)
+    for name, module in modules.items():
+        for attr, position in _INPUT_QUANTIZERS.items():
+            q = getattr(module, attr, None)
+            if isinstance(q, TensorQuantizer) and q.is_enabled and \
+                    flow.inputs_from(name, position) <= quantized and \
+                    flow.inputs_from(name, position):
+                q.disable()
 
 
 @torch.no_grad()
@@ -202,7 +270,8 @@ def restore_quantized(model: nn.Module, modelopt_state: dict[str, Any],
     """Re-create the quantizers of a saved model on the float ``model`` and load its weights
     and ranges. A checkpoint of another architecture is a ``CheckpointError``."""
     try:
-        with warnings.catch_warnings():   # parameter-free quantized modules have no device yet
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            # parameter-free quantized modules have no device yet; modelopt prints a count
             warnings.filterwarnings("ignore", message="Could not identify the device")
             model = mto.restore_from_modelopt_state(model, modelopt_state)
     except Exception as exc:

@@ -1,0 +1,157 @@
+"""``export_onnx.py``: a quantized checkpoint as ``float.onnx`` and ``int8.onnx`` (Q/DQ), checked
+in onnxruntime against the PyTorch fake-quant model and timed float against INT8.
+
+The graphs are the inference form (one output: the main prediction) with batch norm folded
+into the convolution before it. The Q/DQ nodes sit where the quantizers were placed when they
+were inserted (``export.target``): exporting a checkpoint for another target is an error.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import quant, runtime
+from .checkpoint import read_checkpoint
+from .cli import base_parser, run_cli
+from .config import Config
+from .engine import main_prediction, pick_metric, to_device
+from .errors import CheckpointError, InputError, QualityGateError
+from .hooks import Hooks
+from .pipeline import (FixedBatches, build_criterion, checkpoint_target, evaluate_model,
+                       load_quantized, start_session)
+from .reports import format_table, write_json
+
+logger = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = base_parser("Export a quantized checkpoint to ONNX (float and INT8 Q/DQ), check "
+                         "it in onnxruntime and time it.")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite an output_dir that already holds results")
+    return parser
+
+
+class MainOutput(nn.Module):
+    """The inference form: one tensor out (PIDNet's main logits; auxiliary heads off)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        if isinstance(getattr(model, "augment", None), bool):
+            model.augment = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return main_prediction(self.model(x))
+
+
+def _check_checkpoint(cfg: Config, hooks: Hooks) -> None:
+    """Before any work: model_path is a quantized checkpoint placed for ``export.target``."""
+    hint = "export a quantized checkpoint from calibrate.py, qat_train.py or " \
+           "sensitivity_analysis.py"
+    if cfg.model_path is None:
+        raise InputError(f"export_onnx.py needs model_path: {hint}")
+    ckpt = read_checkpoint(cfg.model_path)
+    if ckpt.get("kind") != "quantized":
+        raise CheckpointError(f"{cfg.model_path} holds float weights; {hint}")
+    if checkpoint_target(ckpt) != cfg.export.target:
+        raise CheckpointError(
+            f"{cfg.model_path} was quantized for export.target={checkpoint_target(ckpt)}, not "
+            f"{cfg.export.target}: calibrate or train with --set "
+            f"export.target={cfg.export.target} to deploy there")
+
+
+def trtexec_commands(out: Any, cfg: Config, shape: list[int]) -> dict[str, str]:
+    """What a TensorRT user runs on each graph (INT8 from the Q/DQ nodes, FP16 for float)."""
+    shapes = ""
+    if cfg.export.dynamic_batch:
+        dims = "x".join(str(d) for d in shape)
+        shapes = f" --minShapes=input:1x{dims[dims.index('x') + 1:]} --optShapes=input:{dims}" \
+                 f" --maxShapes=input:{dims}"
+    return {"int8": f"trtexec --onnx={out / 'int8.onnx'} --int8 --fp16{shapes} "
+                    f"--saveEngine={out / 'int8.engine'}",
+            "float": f"trtexec --onnx={out / 'float.onnx'} --fp16{shapes} "
+                     f"--saveEngine={out / 'float_fp16.engine'}"}
+
+
+def _export(args: argparse.Namespace) -> None:
+    session = start_session(args, default_output="runs/export", force=args.force,
+                            resumable=False, validate=_check_checkpoint)
+    cfg, out, exp = session.cfg, session.out, session.cfg.export
+    model = load_quantized(session, cfg.model_path).eval()
+    criterion = build_criterion(session)
+    batches = FixedBatches(session.hooks.get_data_loader(cfg, "val"), exp.eval_batches,
+                           session.device, cfg.seed)
+    first = to_device(next(iter(batches))[0], torch.device("cpu"))
+    size = list(exp.input_size or first.shape[-2:])
+    if size != list(first.shape[-2:]):
+        raise InputError(f"export.input_size {size} differs from the val images "
+                         f"{list(first.shape[-2:])}; the check runs on val batches: set "
+                         "export.input_size to null or to the val size")
+    shape = [exp.batch, *first.shape[1:-2], *size]
+    example = first[:1].expand(*shape).contiguous()
+
+    deployed = MainOutput(copy.deepcopy(model).cpu()).eval()
+    folded = quant.fold_batch_norms(deployed, example)
+    float_graph = copy.deepcopy(deployed)
+    quant.disable_all(float_graph)
+    paths = {"float": quant.export_onnx(float_graph, example, out / "float.onnx", exp.opset,
+                                        exp.dynamic_batch),
+             "int8": quant.export_onnx(deployed, example, out / "int8.onnx", exp.opset,
+                                       exp.dynamic_batch)}
+    logger.info("wrote %s and %s (%d batch norms folded)", paths["float"], paths["int8"],
+                len(folded))
+
+    static_batch = None if exp.dynamic_batch else exp.batch
+    graphs = {k: runtime.OrtModel(runtime.session(p, exp.threads), static_batch)
+              for k, p in paths.items()}
+    agree, total = 0, 0
+    with torch.no_grad():
+        for inputs, _ in batches:
+            inputs = to_device(inputs, torch.device("cpu"))
+            reference = main_prediction(model(inputs.to(session.device))).cpu()
+            got = graphs["int8"](inputs)
+            agree += int((reference.argmax(1) == got.argmax(1)).sum())
+            total += reference.argmax(1).numel()
+    agreement = agree / total
+    scores = {"pytorch_fake_quant": evaluate_model(session, model, batches, criterion),
+              "onnxruntime_int8": evaluate_model(session, graphs["int8"], batches, criterion),
+              "onnxruntime_float": evaluate_model(session, graphs["float"], batches, criterion)}
+    name, _ = pick_metric(scores["pytorch_fake_quant"], cfg.metric)
+    ops = runtime.optimized_ops(paths["int8"], exp.threads)
+    latency = runtime.paired_latency(paths, tuple(shape), exp.threads, exp.latency_runs)
+    commands = trtexec_commands(out, cfg, shape)
+
+    rows = [{"graph": k, name: v[name]} for k, v in scores.items()]
+    print(format_table(rows, ["graph", name]))
+    print(f"argmax agreement, onnxruntime INT8 vs PyTorch fake-quant: {agreement:.4%} "
+          f"(gate {exp.min_agreement:.2%})")
+    print(f"integer convolutions: {ops['integer_convs']} of {ops['all_convs']}; quantizable "
+          f"ops left in float: {ops['float'] or 'none'}")
+    print(f"latency, onnxruntime CPU, {exp.threads} threads: float "
+          f"{latency['median_ms']['float']:.1f} ms, INT8 {latency['median_ms']['int8']:.1f} ms "
+          f"({latency['speedup_over_float']['int8']:.2f}x)")
+    for line in commands.values():
+        print(line)
+    results = {"script": "export_onnx", "target": exp.target, "metric": name,
+               "graphs": {k: str(p) for k, p in paths.items()}, "input_shape": shape,
+               "dynamic_batch": exp.dynamic_batch, "opset": exp.opset,
+               "folded_batch_norms": len(folded), "agreement": agreement,
+               "min_agreement": exp.min_agreement, "pixels_compared": total,
+               "metrics": {k: v[name] for k, v in scores.items()},
+               "optimized_int8_graph": ops, "latency": latency, "trtexec": commands}
+    print(write_json(out / "results.json", results))
+    if agreement < exp.min_agreement:
+        raise QualityGateError(f"onnxruntime's INT8 argmax agrees with PyTorch's on "
+                               f"{agreement:.4%} of pixels, below export.min_agreement "
+                               f"{exp.min_agreement}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(_export, build_parser(), argv)

@@ -1,0 +1,78 @@
+"""The deployed form of a fake-quant model: batch norm folded, written to ONNX with Q/DQ nodes."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from modelopt.torch.quantization.nn import TensorQuantizer
+from torch import nn
+
+from .dataflow import trace_dataflow
+from .modules import quantizers
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def fold_batch_norms(model: nn.Module, example: Any) -> list[tuple[str, str]]:
+    """Fold every batch norm that reads a convolution's output (and is its only reader) into
+    that convolution, in place; returns the (conv, batch norm) pairs.
+
+    Per-channel weight ranges are scaled by ``|gamma / sigma|``, so the folded INT8 weights are
+    the grid that was calibrated or trained. The batch norm's output quantizer, if any, takes
+    its place, so the output is quantized where it was. Requires eval-mode batch norm."""
+    flow = trace_dataflow(model, example, skip=TensorQuantizer)
+    modules = dict(model.named_modules())
+    pairs = []
+    for name, bn in modules.items():
+        if not isinstance(bn, nn.BatchNorm2d):
+            continue
+        (conv_name,) = flow.inputs_from(name, 0) or {None}
+        conv = modules.get(conv_name) if conv_name else None
+        if not isinstance(conv, nn.Conv2d) or flow.only_consumer(conv_name) != name:
+            continue
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+        wq = getattr(conv, "weight_quantizer", None)
+        if isinstance(wq, TensorQuantizer) and wq.amax is not None:
+            if wq.amax.numel() == scale.numel():
+                wq.amax = wq.amax * scale.abs().reshape(wq.amax.shape)
+            else:   # a per-tensor range cannot follow a per-channel scale exactly
+                wq.amax = conv.weight.abs().max()
+                logger.warning("%s: per-tensor weight range recomputed after folding %s",
+                               conv_name, name)
+        out_q = getattr(bn, "output_quantizer", None)
+        replacement = out_q if isinstance(out_q, TensorQuantizer) and out_q.is_enabled \
+            else nn.Identity()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, replacement)
+        pairs.append((conv_name, name))
+    return pairs
+
+
+def disable_all(model: nn.Module) -> None:
+    """Every quantizer off: the model computes in float."""
+    for q in quantizers(model).values():
+        q.disable()
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int,
+                dynamic_batch: bool = False) -> Path:
+    """Write ``model`` (fake-quant modules export as QuantizeLinear/DequantizeLinear) to ONNX
+    with one input ``input`` and one output ``logits``. modelopt's quantizers export only
+    through the TorchScript-based exporter (``dynamo=False``)."""
+    path = Path(path)
+    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")          # tracer warnings about Python scalars
+        torch.onnx.export(model.eval(), (example,), str(path), dynamo=False,
+                          opset_version=opset, input_names=["input"], output_names=["logits"],
+                          dynamic_axes=axes, do_constant_folding=True)
+    return path

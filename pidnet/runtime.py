@@ -1,0 +1,109 @@
+"""Running exported graphs in onnxruntime: sessions, outputs, what its optimizer made of the
+Q/DQ nodes, and float-vs-INT8 latency measured in one interleaved run."""
+from __future__ import annotations
+
+import collections
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+# ops onnxruntime runs on integers after fusing the Q/DQ nodes around them
+INTEGER_OPS = ("QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "QGemm",
+               "QLinearAdd", "QLinearMul", "QLinearSigmoid", "QLinearConcat",
+               "QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearLeakyRelu")
+QUANTIZABLE = ("Conv", "MatMul", "Gemm", "Add", "Mul", "Sigmoid", "Concat", "AveragePool",
+               "GlobalAveragePool")
+
+
+def session(path: str | Path, threads: int, optimized_path: str | Path | None = None
+            ) -> ort.InferenceSession:
+    """A CPU session with every graph optimization on and ``threads`` intra-op threads."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run(sess: ort.InferenceSession, x: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.cpu().numpy()})[0])
+
+
+class OrtModel(nn.Module):
+    """An onnxruntime session behind ``nn.Module.forward``, so the hooks' ``evaluate`` scores
+    the exported graph as it scores the PyTorch model. A static batch size is met by running
+    the batch in slices (the last one padded)."""
+
+    def __init__(self, sess: ort.InferenceSession, batch: int | None) -> None:
+        super().__init__()
+        self.sess, self.batch = sess, batch
+        self._device_anchor = nn.Parameter(torch.zeros(()), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch is None or len(x) == self.batch:
+            return run(self.sess, x)
+        parts = []
+        for start in range(0, len(x), self.batch):
+            part = x[start:start + self.batch]
+            pad = self.batch - len(part)
+            if pad:
+                part = torch.cat([part, part[-1:].expand(pad, *part.shape[1:])])
+            parts.append(run(self.sess, part)[:self.batch - pad])
+        return torch.cat(parts)
+
+
+def optimized_ops(path: str | Path, threads: int) -> dict[str, Any]:
+    """Op counts of the graph onnxruntime runs after its optimizer (level: extended, where
+    the Q/DQ fusions happen, before layout-specific rewrites): integer kernels, and the
+    quantizable ops left in float."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "optimized.onnx"
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(out)
+        options.log_severity_level = 3
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(str(out)).graph
+    counts = collections.Counter(n.op_type for n in graph.node)
+    return {"integer": {k: counts[k] for k in INTEGER_OPS if counts[k]},
+            "float": {k: counts[k] for k in QUANTIZABLE if counts[k]},
+            "quantize_linear": counts["QuantizeLinear"],
+            "dequantize_linear": counts["DequantizeLinear"],
+            "integer_convs": counts["QLinearConv"] + counts["ConvInteger"],
+            "all_convs": counts["QLinearConv"] + counts["ConvInteger"] + counts["Conv"]
+            + counts["FusedConv"]}
+
+
+def paired_latency(paths: dict[str, str | Path], shape: tuple[int, ...], threads: int,
+                   runs: int, warmup: int = 3, seed: int = 0) -> dict[str, Any]:
+    """Median latency of each graph on the same random input, runs interleaved (the order
+    alternating every round) so machine noise hits every graph alike; also the median over
+    rounds of each graph's time relative to the first graph."""
+    sessions = {k: session(p, threads) for k, p in paths.items()}
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    names = list(sessions)
+    for i in range(warmup + runs):
+        for name in names if i % 2 else names[::-1]:
+            start = time.perf_counter()
+            sessions[name].run(None, feeds[name])
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    base = names[0]
+    return {"median_ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
+            "speedup_over_" + base: {k: statistics.median(b / t for b, t in zip(times[base], v))
+                                     for k, v in times.items()},
+            "runs": runs, "threads": threads, "shape": list(shape)}
