@@ -51,6 +51,23 @@ class MainOutput(nn.Module):
         return main_prediction(self.model(x))
 
 
+class Resized:
+    """Val batches with their images resized (bilinear) to the deployed ``size``; the targets
+    are kept (an ``evaluate`` that resizes its logits to the labels scores them as usual)."""
+
+    def __init__(self, batches: Any, size: list[int]) -> None:
+        self.batches, self.size = batches, size
+        self.dataset = getattr(batches, "dataset", None)
+
+    def __iter__(self):
+        for inputs, targets in self.batches:
+            yield (torch.nn.functional.interpolate(inputs, size=self.size, mode="bilinear",
+                                                   align_corners=False), targets)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def _check_checkpoint(cfg: Config, hooks: Hooks) -> None:
     """Before any work: model_path is a quantized checkpoint placed for ``export.target``."""
     hint = "export a quantized checkpoint from calibrate.py, qat_train.py or " \
@@ -89,12 +106,10 @@ def _export(args: argparse.Namespace) -> None:
     batches = FixedBatches(session.hooks.get_data_loader(cfg, "val"), exp.eval_batches,
                            session.device, cfg.seed)
     first = to_device(next(iter(batches))[0], torch.device("cpu"))
-    size = list(exp.input_size or first.shape[-2:])
-    if size != list(first.shape[-2:]):
-        raise InputError(f"export.input_size {size} differs from the val images "
-                         f"{list(first.shape[-2:])}; the check runs on val batches: set "
-                         "export.input_size to null or to the val size")
-    shape = [exp.batch, *first.shape[1:-2], *size]
+    if exp.input_size is not None and list(first.shape[-2:]) != exp.input_size:
+        batches = Resized(batches, exp.input_size)   # the check runs at the deployed size
+        first = next(iter(batches))[0]
+    shape = [exp.batch, *first.shape[1:]]
     example = first[:1].expand(*shape).contiguous()
 
     deployed = MainOutput(copy.deepcopy(model).cpu()).eval()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import itertools
 import logging
 import time
@@ -164,11 +165,17 @@ def checkpoint_target(ckpt: dict[str, Any]) -> str:
 
 
 def is_quantized_checkpoint(session: Session, path: str | Path | None) -> bool:
-    """Whether ``path`` is one of this toolkit's quantized checkpoints (a hooks file that loads
-    ``model_path`` itself owns its format: it is treated as float weights)."""
-    if path is None or session.hooks.model_loads_itself:
+    """Whether ``path`` is one of this toolkit's quantized checkpoints. A hooks file that loads
+    ``model_path`` itself may use a format of its own: a file this toolkit cannot read is then
+    the hooks' float weights."""
+    if path is None:
         return False
-    return read_checkpoint(path).get("kind") == "quantized"
+    try:
+        return read_checkpoint(path).get("kind") == "quantized"
+    except CheckpointError:
+        if session.hooks.model_loads_itself:
+            return False
+        raise
 
 
 def load_quantized(session: Session, path: str | Path) -> nn.Module:
@@ -188,7 +195,10 @@ def load_quantized(session: Session, path: str | Path) -> nn.Module:
                               f"{session.cfg.export.target}; set export.target={target}, or "
                               f"calibrate or train again with "
                               f"--set export.target={session.cfg.export.target}")
-    model = session.hooks.get_model(session.cfg)
+    cfg = session.cfg
+    if session.hooks.model_loads_itself:   # get_model(model_path) builds from the float weights
+        cfg = dataclasses.replace(cfg, model_path=ckpt.get("config", {}).get("model_path"))
+    model = session.hooks.get_model(cfg)
     model = quant.restore_quantized(model, ckpt["modelopt_state"], ckpt["model"])
     return model.to(session.device)
 

@@ -1,0 +1,151 @@
+"""export_onnx.py on a small residual conv net for both targets, and on the fragile model
+through sensitivity_analysis.py's output."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from pidnet import quant, runtime
+from pidnet.calibrate import main as calibrate_main
+from pidnet.config import load_config
+from pidnet.engine import main_prediction
+from pidnet.export_onnx import main as export_main
+from pidnet.hooks import load_hooks
+from pidnet.pipeline import Session, load_quantized
+from pidnet.sensitivity_analysis import main as sensitivity_main
+
+from .helpers import TINY_HOOKS, TINY_NET_USER, tiny_config
+from .test_sensitivity import legacy_config
+
+
+def _calibrated(tmp_path, weights, target, **extra):
+    cfg = tiny_config(tmp_path, hooks=TINY_HOOKS, user=TINY_NET_USER, model_path=str(weights),
+                      calib={"num_batches": 2, "methods": ["max"]},
+                      export={"target": target, "latency_runs": 3}, **extra)
+    assert calibrate_main(["--config", str(cfg), "--set", f"output_dir={tmp_path / 'cal'}"]) == 0
+    return cfg, tmp_path / "cal" / "quantized.pt"
+
+
+class Graph:
+    def __init__(self, path):
+        self.model = onnx.load(str(path))
+        self.nodes = list(self.model.graph.node)
+        self.producer = {o: n for n in self.nodes for o in n.output}
+        self.consumers = {}
+        for n in self.nodes:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.inits = {i.name: numpy_helper.to_array(i) for i in self.model.graph.initializer}
+
+    def op(self, tensor):
+        node = self.producer.get(tensor)
+        return node.op_type if node is not None else None
+
+    def ops(self, kind):
+        return [n for n in self.nodes if n.op_type == kind]
+
+    def constant(self, tensor):
+        if tensor in self.inits:
+            return self.inits[tensor]
+        node = self.producer[tensor]
+        return numpy_helper.to_array(node.attribute[0].t)
+
+    def readers(self, tensor):
+        return [n.op_type for n in self.consumers.get(tensor, [])]
+
+
+def _weight_dq_axes(graph: Graph) -> list[tuple[int, int]]:
+    """(axis, number of scales) of every DequantizeLinear feeding a Conv's weight."""
+    found = []
+    for conv in graph.ops("Conv"):
+        dq = graph.producer.get(conv.input[1])
+        assert dq is not None and dq.op_type == "DequantizeLinear", conv.name
+        axis = {a.name: a.i for a in dq.attribute}.get("axis", 1)
+        found.append((axis, graph.constant(dq.input[1]).size))
+    return found
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+def test_export_places_qdq_by_target_and_matches_pytorch(tmp_path, tiny_float_weights, target):
+    cfg, ckpt = _calibrated(tmp_path, tiny_float_weights, target)
+    assert export_main(["--config", str(cfg), "--set", f"model_path={ckpt}"]) == 0
+    out = tmp_path / "run"
+    results = json.loads((out / "results.json").read_text())
+    assert results["agreement"] >= 0.995
+    assert results["folded_batch_norms"] == 3          # every conv but the head
+    graph = Graph(out / "int8.onnx")
+    assert graph.ops("QuantizeLinear") and graph.ops("DequantizeLinear")
+    for axis, scales in _weight_dq_axes(graph):            # per output channel, axis 0
+        assert axis == 0 and scales > 1
+    assert not [n for n in graph.ops("BatchNormalization") if graph.op(n.input[0]) == "Conv"]
+    assert not Graph(out / "float.onnx").ops("QuantizeLinear")
+    (add,) = graph.ops("Add")
+    sources = sorted(str(graph.op(i)) for i in add.input)
+    if target == "tensorrt":
+        # the skip input carries the Q/DQ pair; the conv feeding the add stays free to fuse
+        assert sources == ["Conv", "DequantizeLinear"]
+        assert "QuantizeLinear" not in graph.readers(add.output[0])
+        assert all("QuantizeLinear" not in graph.readers(c.output[0]) for c in graph.ops("Conv"))
+    else:
+        # every conv and add output is quantized (after the ReLU where one follows)
+        assert sources == ["DequantizeLinear", "DequantizeLinear"]
+        for node in graph.ops("Conv") + [add]:
+            readers = graph.readers(node.output[0])
+            if readers == ["Relu"]:
+                readers = graph.readers(graph.consumers[node.output[0]][0].output[0])
+            assert readers == ["QuantizeLinear"], node.name
+        assert results["optimized_int8_graph"]["integer_convs"] == 4
+        assert results["optimized_int8_graph"]["float"] == {}
+
+    # onnxruntime's outputs are PyTorch's fake-quant outputs to within one quantization step
+    config = load_config(cfg, [f"model_path={ckpt}"])
+    session = Session(config, out, load_hooks(config.hooks), torch.device("cpu"))
+    model = load_quantized(session, ckpt).eval()
+    sess = runtime.session(out / "int8.onnx", 2)
+    images, _ = next(iter(session.hooks.get_data_loader(config, "val")))
+    with torch.no_grad():
+        want = main_prediction(model(images))
+    got = torch.cat([runtime.run(sess, images[i:i + 1]) for i in range(len(images))])
+    if target == "onnxruntime":     # the head's output is quantized: one step of its range
+        step = float(model.head.output_quantizer.amax) / 127
+    else:                           # one step of the head's input through its weights
+        step = float(model.head.input_quantizer.amax) / 127 * float(
+            model.head.weight.detach().abs().sum(dim=(1, 2, 3)).max())
+    within = ((got - want).abs() <= step + 1e-5).float().mean()
+    assert within >= 0.99, float(within)
+
+
+def test_float_checkpoint_and_other_target_are_one_line_errors(tmp_path, tiny_float_weights,
+                                                               capsys):
+    cfg, ckpt = _calibrated(tmp_path, tiny_float_weights, "tensorrt")
+    capsys.readouterr()
+    for model_path, target, expected in ((tiny_float_weights, "tensorrt", "float weights"),
+                                         (ckpt, "onnxruntime", "export.target=onnxruntime")):
+        assert export_main(["--config", str(cfg), "--set", f"model_path={model_path}",
+                            "--set", f"export.target={target}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_layers_kept_float_by_sensitivity_stay_float_in_the_graph(tmp_path):
+    cfg = legacy_config(tmp_path, export={"latency_runs": 3})
+    assert sensitivity_main(["--config", str(cfg)]) == 0
+    assert export_main(["--config", str(cfg), "--set",
+                        f"model_path={tmp_path / 'run' / 'kept_float.pt'}",
+                        "--set", f"output_dir={tmp_path / 'export'}"]) == 0
+    graph = Graph(tmp_path / "export" / "int8.onnx")
+    gemms = [n for n in graph.nodes if n.op_type in ("Gemm", "MatMul")]
+    assert len(gemms) == 3                                   # expand, fragile, head in order
+    fed_by_dq = [graph.op(n.input[0]) == "DequantizeLinear" and
+                 graph.op(n.input[1]) == "DequantizeLinear" for n in gemms]
+    assert fed_by_dq == [True, False, True]
+    results = json.loads((tmp_path / "export" / "results.json").read_text())
+    assert results["agreement"] >= 0.995 and results["metric"] == "loss"
+    assert np.isclose(results["metrics"]["onnxruntime_int8"],
+                      results["metrics"]["pytorch_fake_quant"], rtol=1e-3)
