@@ -141,18 +141,50 @@ def test_save_and_restore_give_identical_outputs():
 @pytest.mark.parametrize("target,output_on", [("tensorrt", False), ("onnxruntime", True)])
 def test_enabling_a_layer_switches_on_only_the_quantizers_it_was_placed_with(target, output_on):
     torch.manual_seed(0)
-    model = quant.insert_quantizers(TinyNet().eval(), QuantConfig(), target)
     x = torch.randn(2, 3, 8, 8)
+    model = quant.insert_quantizers(TinyNet().eval(), QuantConfig(), target, x)
     quant.apply_ranges(model, quant.collect_stats(model, [(x, None)], torch.device("cpu")), "max")
     placed = {n for n, q in quant.quantizers(model).items() if q.is_enabled}
     layers = quant.layer_quantizers(model)
+    for name in ("conv1", "head"):
+        with quant.layers_enabled(model, layers, False):
+            with quant.layers_enabled(model, [name], True):
+                on = {n for n, q in quant.quantizers(model).items() if q.is_enabled}
+        assert on == {n for n in placed if n.rsplit(".", 1)[0] == name}
+    # the head's output is quantized only by the onnxruntime placement (integer kernels need
+    # it); conv1's is never: its ReLU carries the quantizer there
+    assert ("head.output_quantizer" in placed) == output_on
+    assert "conv1.output_quantizer" not in placed
+    assert ("relu.output_quantizer" in placed) == output_on
     with quant.layers_enabled(model, layers, False):
         with quant.layers_enabled(model, ["conv1"], True):
-            on = {n for n, q in quant.quantizers(model).items() if q.is_enabled}
-    assert on == {n for n in placed if n.startswith("conv1.")}
-    assert ("conv1.output_quantizer" in on) == output_on
-    assert "conv1.input_quantizer" in on and "conv1.weight_quantizer" in on
+            assert not model.conv1.output_quantizer.is_enabled
     # the unused layer saw no data: it has no range and is never switched on
     with quant.layers_enabled(model, ["unused"], True):
         assert not model.unused.input_quantizer.is_enabled
         assert model.unused.weight_quantizer.is_enabled
+
+
+def test_onnxruntime_placement_quantizes_each_tensor_once_at_its_producer():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = quant.insert_quantizers(TinyNet().eval(), QuantConfig(), "onnxruntime", x)
+    on = {n for n, q in quant.quantizers(model).items() if q.is_enabled and
+          not n.endswith("weight_quantizer")}
+    # the model input; the ReLU output (unsigned), read by layer1's conv and the add's skip
+    # input; the conv output the add reads; the add's output; the head's output. The unused
+    # layer keeps only the input quantizer that calibration will find without data.
+    assert on == {"conv1.input_quantizer", "relu.output_quantizer",
+                  "layer1.0.conv1.output_quantizer", "layer1.0.add.output_quantizer",
+                  "head.output_quantizer", "unused.input_quantizer"}
+    assert model.relu.output_quantizer.unsigned
+    assert not model.layer1[0].add.output_quantizer.unsigned
+    # the placement survives a checkpoint round trip
+    quant.apply_ranges(model, quant.collect_stats(model, [(x, None)], torch.device("cpu")), "max")
+    restored = quant.restore_quantized(TinyNet().eval(), quant.quant_state(model),
+                                       model.state_dict())
+    assert restored.relu.output_quantizer.unsigned
+    assert {n for n, q in quant.quantizers(restored).items() if q.is_enabled} == {
+        n for n, q in quant.quantizers(model).items() if q.is_enabled}
+    with torch.no_grad():
+        assert torch.equal(model(x), restored(x))

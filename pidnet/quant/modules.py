@@ -167,7 +167,8 @@ def _place_at_producers(model: nn.Module, flow: Dataflow, qcfg: QuantConfig,
 
     quantized: set[str] = set()
     for name, module in modules.items():
-        if name in excluded or not isinstance(module, (nn.Conv2d, nn.Linear, Add)):
+        if name in excluded or name not in flow.producers or \
+                not isinstance(module, (nn.Conv2d, nn.Linear, Add)):
             continue
         end = name
         if not isinstance(module, Add):

@@ -1,0 +1,128 @@
+"""INT8 deployment speed of the exported PIDNet-S in onnxruntime (CPU), against the float graph
+and against onnxruntime's own static quantization of the same float graph, in one run.
+
+    python -m bench.export_speed --weights runs/float/best.pt [--qat runs/qat_ort/best.pt]
+
+1. calibrate.py (entropy) with export.target=onnxruntime and with tensorrt, at the deployed
+   size (512x1024 scenes), then export_onnx.py for each: float.onnx, int8.onnx, the argmax
+   agreement with PyTorch's fake-quant model, the integer-convolution count.
+   With --qat, a QAT checkpoint (export.target=onnxruntime) is exported the same way.
+2. onnxruntime's peer: quant_pre_process on float.onnx, then quantize_static (QDQ, per-channel
+   int8 weights, uint8 activations, MinMax over the same calibration scenes).
+3. Latency of every graph, interleaved, paired medians, ``--threads`` threads.
+
+Goals (issue 9): INT8 (onnxruntime placement) at least 2.5x float and at least the peer, with
+pixel agreement at least 99.5%. Figures: bench/results/export_speed.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                      quantize_static)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from pidnet import runtime
+from pidnet.calibrate import main as calibrate_main
+from pidnet.config import load_config
+from pidnet.export_onnx import main as export_main
+from pidnet.hooks import load_hooks
+from pidnet.reports import versions
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Scenes(CalibrationDataReader):
+    """The calib split's images, one at a time, for onnxruntime's calibrator."""
+
+    def __init__(self, config: str, overrides: list[str], count: int) -> None:
+        cfg = load_config(config, overrides)
+        loader = load_hooks(cfg.hooks).get_data_loader(cfg, "calib")
+        images = [x[i:i + 1].numpy() for x, _ in loader for i in range(len(x))]
+        self.images = iter(images[:count])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        image = next(self.images, None)
+        return None if image is None else {"input": image}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "config.yaml"))
+    parser.add_argument("--weights", required=True, help="float weights (runs/float/best.pt)")
+    parser.add_argument("--qat", default=None, help="a QAT checkpoint placed for onnxruntime")
+    parser.add_argument("--size", type=int, nargs=2, default=[512, 1024])
+    parser.add_argument("--calib-images", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--out-dir", default="runs/bench_export")
+    parser.add_argument("--json", default=str(ROOT / "bench/results/export_speed.json"))
+    args = parser.parse_args()
+    out = Path(args.out_dir)
+    h, w = args.size
+    scenes = [f"user.image_size=[{h}, {w}]", f"user.crop_size=[{h}, {w}]",
+              f"user.calib_images={args.calib_images}", "user.val_images=4",
+              "user.eval_batch_size=1", "user.batch_size=1",
+              f"calib.num_batches={args.calib_images}", "calib.methods=[entropy]",
+              f"export.threads={args.threads}", f"export.latency_runs={args.runs}"]
+    sets = [a for s in scenes for a in ("--set", s)]
+
+    exports, checkpoints = {}, {}
+    for target in ("onnxruntime", "tensorrt"):
+        cal = out / f"calibrate_{target}"
+        assert calibrate_main(["--config", args.config, "--force", *sets,
+                               "--set", f"model_path={args.weights}",
+                               "--set", f"export.target={target}",
+                               "--set", f"output_dir={cal}"]) == 0
+        checkpoints[f"ptq_{target}"] = (cal / "quantized.pt", target)
+    if args.qat:
+        checkpoints["qat_onnxruntime"] = (Path(args.qat), "onnxruntime")
+    for name, (ckpt, target) in checkpoints.items():
+        code = export_main(["--config", args.config, "--force", *sets,
+                            "--set", f"model_path={ckpt}", "--set", f"export.target={target}",
+                            "--set", f"output_dir={out / name}"])
+        assert code in (0, 3), code
+        exports[name] = json.loads((out / name / "results.json").read_text())
+
+    float_graph = out / "ptq_onnxruntime" / "float.onnx"
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(float_graph), str(prepared))
+        peer = out / "onnxruntime_quantize_static.onnx"
+        quantize_static(str(prepared), str(peer),
+                        Scenes(args.config, scenes, args.calib_images),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    graphs = {"float": float_graph, **{k: out / k / "int8.onnx" for k in exports},
+              "onnxruntime_quantize_static": peer}
+    latency = runtime.paired_latency(graphs, (1, 3, h, w), args.threads, args.runs)
+    speed = latency["speedup_over_float"]
+    ours = speed["ptq_onnxruntime"]
+    result = {
+        "command": f"python -m bench.export_speed --weights {args.weights}"
+                   + (f" --qat {args.qat}" if args.qat else ""),
+        "versions": versions(), "cpu_count": os.cpu_count(), "input": [1, 3, h, w],
+        "latency": latency,
+        "agreement": {k: v["agreement"] for k, v in exports.items()},
+        "metrics": {k: v["metrics"] for k, v in exports.items()},
+        "integer_convs": {k: f"{v['optimized_int8_graph']['integer_convs']} of "
+                             f"{v['optimized_int8_graph']['all_convs']}"
+                          for k, v in exports.items()},
+        "float_ops_left": {k: v["optimized_int8_graph"]["float"] for k, v in exports.items()},
+        "peer_ops": runtime.optimized_ops(peer, args.threads),
+        "goals": {"int8_over_float_at_least_2.5": ours >= 2.5,
+                  "at_least_the_peer": ours >= speed["onnxruntime_quantize_static"],
+                  "agreement_at_least_0.995": exports["ptq_onnxruntime"]["agreement"] >= 0.995}}
+    print(json.dumps(result, indent=2))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(args.json)
+
+
+if __name__ == "__main__":
+    main()
