@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo bench test lint clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,13 +13,14 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $(STAMP)
 
-# float baseline -> PTQ with every calibration method -> QAT (calib mode), all on config.yaml
+# float -> PTQ (every method) -> QAT (three modes) -> sensitivity -> ONNX export -> runs/report.md
+# Rerunning after an interruption skips finished stages and resumes the others.
 demo: $(STAMP)
-	$(PY) qat_train.py --mode float --config config.yaml --set output_dir=runs/float
-	$(PY) calibrate.py --config config.yaml --set model_path=runs/float/best.pt \
-		--set output_dir=runs/calibrate
-	$(PY) qat_train.py --mode calib --config config.yaml --set model_path=runs/float/best.pt \
-		--set output_dir=runs/qat_calib
+	$(PY) -m pidnet.demo --config config.yaml --runs runs
+
+# every benchmark, figures in bench/results.json
+bench: $(STAMP)
+	$(PY) -m bench
 
 test: $(STAMP)
 	$(PY) -m pytest

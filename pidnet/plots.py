@@ -54,3 +54,21 @@ def plot_sensitivity(rows: Sequence[Mapping[str, Any]], order: Sequence[str],
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
+
+
+def plot_qat_curves(curves: Mapping[str, Sequence[float]], float_value: float,
+                    ptq: Mapping[str, float], metric: str, path: str | Path) -> Path:
+    """Each QAT mode's metric per epoch, with the float model and the PTQ methods as lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode, values in curves.items():
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=f"QAT {mode}")
+    ax.axhline(float_value, color="black", linestyle="--", label=f"float {float_value:.2f}")
+    for i, (name, value) in enumerate(ptq.items()):
+        ax.axhline(value, color=f"C{i + 3}", linestyle=":", label=f"{name} {value:.2f}")
+    ax.set_xlabel("QAT epoch")
+    ax.set_ylabel(metric)
+    ax.set_title("QAT per epoch against float and PTQ", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

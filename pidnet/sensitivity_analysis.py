@@ -165,7 +165,8 @@ def _analyse(args: argparse.Namespace) -> None:
 
 def _write_outputs(session: Session, model: nn.Module, rows: Sequence[dict[str, Any]],
                    order: Sequence[str], baseline: dict[str, float], metric: str,
-                   objective: Objective, float_layers: list[str], steps: list[dict[str, Any]], met: bool,
+                   objective: Objective, float_layers: list[str],
+                   steps: list[dict[str, Any]], met: bool,
                    source: str, batches: int | None) -> None:
     cfg, out = session.cfg, session.out
     sens = cfg.sensitivity

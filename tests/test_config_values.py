@@ -91,9 +91,9 @@ def test_every_numeric_key_has_bounds():
     numeric = []
     for f in dataclasses.fields(Config):
         hint = typing.get_type_hints(Config)[f.name]
-        fields = ([(f"{f.name}.{g.name}", g) for g in dataclasses.fields(hint)]
-                  if dataclasses.is_dataclass(hint) else [(f.name, f)])
-        for key, g in fields:
+        keys = ([f"{f.name}.{g.name}" for g in dataclasses.fields(hint)]
+                if dataclasses.is_dataclass(hint) else [f.name])
+        for key in keys:
             if _kind(key) in (int, float):
                 numeric.append(key)
     assert sorted(numeric) == sorted(all_bounds())
@@ -152,7 +152,8 @@ def test_hooks_report_bad_settings_in_one_line_and_bugs_with_their_traceback(tmp
         "                                          get_criterion)\n"
         "def check_config(cfg):\n"
         "    if cfg.user.get('width', 1) < 1:\n"
-        "        raise ConfigError(f\"config key 'user.width' must be >= 1, got {cfg.user['width']}\")\n"
+        "        raise ConfigError(f\"config key 'user.width' must be >= 1, got \"\n"
+        "                          f\"{cfg.user['width']}\")\n"
         "    if cfg.user.get('bug'):\n"
         "        raise ZeroDivisionError('a bug in the hooks')\n")
     cfg = tiny_config(tmp_path, hooks=str(hooks), user={})

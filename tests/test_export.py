@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from pidnet import quant, runtime
+from pidnet import runtime
 from pidnet.calibrate import main as calibrate_main
 from pidnet.config import load_config
 from pidnet.engine import main_prediction

@@ -1,0 +1,125 @@
+"""Every benchmark in one command, and one file holding their figures and goals.
+
+    python -m bench [--weights runs/float/best.pt] [--only NAME ...] [--collect-only]
+
+Runs each benchmark module (each also runs alone: ``python -m bench.NAME --help``), then gathers
+their JSON files into bench/results.json with the machine, the versions, the command behind
+each figure and its goal. Without --weights the float PIDNet-S of ``make demo`` is used, or
+trained first (runs/float/best.pt). --collect-only only rebuilds bench/results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _figure(value: Any, goal: str | None, met: bool | None, command: str, source: str) -> dict:
+    return {"value": value, "goal": goal, "met": met, "command": command, "source": source}
+
+
+def collect() -> dict[str, Any]:
+    """Each benchmark's headline figures, with the goal its issue set."""
+    figures: dict[str, Any] = {}
+    calib = _load("calib_speed")
+    if calib:
+        s = calib["summary"]
+        cmd = f"python -m bench.calib_speed --weights {s['weights']}"
+        figures["entropy_amax_speedup_over_modelopt"] = _figure(
+            round(s["speedup_total"], 1), None, None, cmd, "calib_speed.json")
+    qat = _load("qat_modes")
+    if qat:
+        s = qat["summary"]
+        cmd = f"python -m bench.qat_modes --float-weights {s['weights']}"
+        for row in qat["rows"]:
+            figures[f"miou_{row['stage'].replace(' ', '_')}"] = _figure(
+                round(row["miou"], 2), None, None, cmd, "qat_modes.json")
+        figures["qat_step_over_float_step"] = _figure(
+            round(s["qat_step_over_float_step"], 2), "<= 1.3",
+            s["qat_step_over_float_step"] <= 1.3, cmd, "qat_modes.json")
+    sens = _load("sensitivity_cost")
+    if sens:
+        sweep, ranks = sens["sweep"], sens["ranks"]
+        figures["sensitivity_layers"] = _figure(sweep["layers"], None, None, sens["command"],
+                                                "sensitivity_cost.json")
+        figures["sweep_over_single_evaluations"] = _figure(
+            round(sweep["sweep_over_single_evals"], 3), "<= 1.1",
+            sweep["sweep_over_single_evals"] <= 1.1, sens["command"], "sensitivity_cost.json")
+        figures["two_ranks_over_one_rank"] = _figure(
+            round(ranks["two_over_one"], 3), "<= 0.6", ranks["two_over_one"] <= 0.6,
+            sens["command"], "sensitivity_cost.json")
+        figures["layers_kept_float"] = _figure(ranks["float_layers"], None, None,
+                                               sens["command"], "sensitivity_cost.json")
+    export = _load("export_speed")
+    if export:
+        speed = export["latency"]["speedup_over_float"]
+        cmd = export["command"]
+        figures["int8_over_float_onnxruntime"] = _figure(
+            round(speed["ptq_onnxruntime"], 2), ">= 2.5", speed["ptq_onnxruntime"] >= 2.5,
+            cmd, "export_speed.json")
+        figures["onnxruntime_quantize_static_over_float"] = _figure(
+            round(speed["onnxruntime_quantize_static"], 2), None, None, cmd,
+            "export_speed.json")
+        figures["int8_at_least_the_peer"] = _figure(
+            speed["ptq_onnxruntime"] >= speed["onnxruntime_quantize_static"], "true",
+            speed["ptq_onnxruntime"] >= speed["onnxruntime_quantize_static"], cmd,
+            "export_speed.json")
+        figures["tensorrt_graph_over_float_in_onnxruntime"] = _figure(
+            round(speed["ptq_tensorrt"], 2), None, None, cmd, "export_speed.json")
+        agreement = export["agreement"]["ptq_onnxruntime"]
+        figures["int8_argmax_agreement"] = _figure(round(agreement, 4), ">= 0.995",
+                                                   agreement >= 0.995, cmd, "export_speed.json")
+        figures["integer_convolutions"] = _figure(export["integer_convs"]["ptq_onnxruntime"],
+                                                  None, None, cmd, "export_speed.json")
+    versions = next((d["versions"] for d in (sens, export) if d and "versions" in d), {})
+    return {"date": datetime.date.today().isoformat(),
+            "machine": {"platform": platform.platform(), "processor": platform.machine(),
+                        "cpu_count": os.cpu_count()},
+            "versions": versions, "figures": figures}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", default="runs/float/best.pt")
+    parser.add_argument("--only", nargs="*", default=None,
+                        choices=["calib_speed", "qat_modes", "sensitivity_cost", "export_speed"])
+    parser.add_argument("--collect-only", action="store_true")
+    args = parser.parse_args()
+    if not args.collect_only:
+        if not Path(args.weights).exists():
+            subprocess.run([sys.executable, "qat_train.py", "--mode", "float", "--config",
+                            "config.yaml", "--set", "output_dir=runs/float", "--resume"],
+                           cwd=ROOT, check=True)
+        runs = {"calib_speed": ["--weights", args.weights],
+                "qat_modes": ["--float-weights", args.weights],
+                "sensitivity_cost": ["--weights", args.weights],
+                "export_speed": ["--weights", args.weights]}
+        for name, extra in runs.items():
+            if args.only is None or name in args.only:
+                print(f"== bench.{name}", flush=True)
+                subprocess.run([sys.executable, "-m", f"bench.{name}", *extra], cwd=ROOT,
+                               check=True)
+    result = collect()
+    (ROOT / "bench" / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    for name, fig in result["figures"].items():
+        goal = f"  goal {fig['goal']}: {'met' if fig['met'] else 'MISSED'}" if fig["goal"] else ""
+        print(f"{name:45s} {fig['value']}{goal}")
+    print(ROOT / "bench" / "results.json")
+
+
+if __name__ == "__main__":
+    main()

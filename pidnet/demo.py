@@ -1,0 +1,167 @@
+"""``make demo``: the whole pipeline on one config, each stage feeding the next.
+
+float training -> PTQ with every calibration method -> QAT in each of the three modes ->
+sensitivity analysis of the best quantized model -> ONNX export -> ``report.md``.
+
+Each stage writes into ``<runs>/<stage>``. Rerunning after an interruption skips the stages
+that finished (their ``results.json`` exists), resumes the training stages from ``last.pt``
+and the sensitivity sweep from its rows, and redoes only what is missing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .calibrate import main as calibrate_main
+from .cli import EXIT_GATE, EXIT_OK, setup_logging
+from .export_onnx import main as export_main
+from .plots import plot_qat_curves
+from .reports import atomic_write_text, format_table, write_json
+from .sensitivity_analysis import main as sensitivity_main
+from .train import main as train_main
+
+logger = logging.getLogger(__name__)
+
+QAT_MODES = ("calib", "stats", "direct")
+
+
+def _results(folder: Path) -> dict[str, Any] | None:
+    path = folder / "results.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_stage(name: str, folder: Path, script: Callable[[list[str]], int], args: list[str],
+              resumable: bool = False, accept: Sequence[int] = (EXIT_OK,)) -> float:
+    """Run one stage unless it finished; returns its seconds (0 when skipped)."""
+    if _results(folder) is not None:
+        logger.info("stage %s: finished earlier (%s), skipped", name, folder / "results.json")
+        return 0.0
+    extra = ["--resume"] if resumable else ["--force"]
+    start = time.perf_counter()
+    logger.info("stage %s: %s", name, " ".join(args + extra))
+    code = script(args + extra)
+    if code not in accept:
+        raise SystemExit(f"stage {name} failed with exit code {code}; fix the error above and "
+                         "rerun: finished stages are kept")
+    return time.perf_counter() - start
+
+
+def best_quantized(runs: Path) -> tuple[str, Path]:
+    """The quantized checkpoint with the best final val metric: a QAT mode or PTQ."""
+    candidates = []
+    ptq = _results(runs / "calibrate")
+    higher = ptq is None or ptq["metric"] != "loss"
+    if ptq is not None:
+        candidates.append((ptq["best"], "ptq " + ptq["best_method"], Path(ptq["checkpoint"])))
+    for mode in QAT_MODES:
+        res = _results(runs / f"qat_{mode}")
+        if res is not None:
+            candidates.append((res["best"], f"qat {mode}", runs / f"qat_{mode}" / "best.pt"))
+    _value, name, path = (max if higher else min)(candidates, key=lambda c: c[0])
+    return name, path
+
+
+def summary(runs: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The report's rows, read from the stages' results files only."""
+    ptq, sens, export = (_results(runs / s) for s in ("calibrate", "sensitivity", "export"))
+    metric = ptq["metric"]
+    rows = [{"stage": "float", metric: ptq["float"][metric],
+             "source": "calibrate/results.json"}]
+    rows += [{"stage": f"PTQ {r['method']}", metric: r[metric],
+              "source": "calibrate/results.json"} for r in ptq["methods"]]
+    for mode in QAT_MODES:
+        res = _results(runs / f"qat_{mode}")
+        rows.append({"stage": f"QAT {mode} (final epoch; best)", metric: res["final"][metric],
+                     "best": res["best"], "source": f"qat_{mode}/results.json"})
+    facts = {"metric": metric, "float_layers": sens["float_layers"] if sens else None,
+             "sensitivity_met": sens["met"] if sens else None,
+             "exported": export["graphs"]["int8"] if export else None,
+             "speedup": export["latency"]["speedup_over_float"]["int8"] if export else None,
+             "agreement": export["agreement"] if export else None,
+             "int8_metric": export["metrics"]["onnxruntime_int8"] if export else None,
+             "integer_convs": (f"{export['optimized_int8_graph']['integer_convs']} of "
+                               f"{export['optimized_int8_graph']['all_convs']}")
+             if export else None}
+    return rows, facts
+
+
+def write_report(runs: Path, exported_from: str, seconds: dict[str, float]) -> Path:
+    rows, facts = summary(runs)
+    metric = facts["metric"]
+    curves = {mode: [e[metric] for e in _results(runs / f"qat_{mode}")["epochs"]]
+              for mode in QAT_MODES}
+    ptq = {r["stage"]: r[metric] for r in rows if r["stage"].startswith("PTQ")}
+    plot_qat_curves(curves, rows[0][metric], ptq, metric, runs / "qat_curves.png")
+    table = format_table(rows, ["stage", metric, "best", "source"])
+    lines = [
+        "# PIDNetQAT demo report", "",
+        f"Every figure below is read from the `results.json` named beside it (under `{runs}`).",
+        "", "```", table, "```", "",
+        f"- Exported model: {exported_from} -> `{facts['exported']}`",
+        f"- Layers kept in float by the sensitivity analysis: "
+        f"{facts['float_layers'] if facts['float_layers'] is not None else 'not run'}"
+        f" (tolerance met: {facts['sensitivity_met']}; sensitivity/results.json)",
+        f"- INT8 in onnxruntime (CPU): {facts['speedup']:.2f}x the float graph's speed, "
+        f"argmax agreement with PyTorch {facts['agreement']:.2%}, {metric} "
+        f"{facts['int8_metric']:.2f}, integer convolutions {facts['integer_convs']} "
+        "(export/results.json)" if facts["speedup"] is not None else "- Export: not run",
+        "", "![QAT per epoch](qat_curves.png)", "",
+        "![Sensitivity per layer](sensitivity/sensitivity.png)", "",
+        "Stage wall times this run (0: finished in an earlier run): "
+        + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()), ""]
+    print(table)
+    path = atomic_write_text(runs / "report.md", "\n".join(lines))
+    write_json(runs / "summary.json", {"rows": rows, **facts, "exported_from": exported_from,
+                                       "seconds": seconds})
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="config.yaml")
+    parser.add_argument("--runs", default="runs", help="folder holding every stage's output")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override passed to every stage (repeatable)")
+    args = parser.parse_args(argv)
+    setup_logging()
+    runs = Path(args.runs)
+    sets = [a for s in args.set for a in ("--set", s)]
+
+    def common(stage: str, *more: str) -> list[str]:
+        return ["--config", args.config, *sets, "--set", f"output_dir={runs / stage}",
+                *(a for m in more for a in ("--set", m))]
+
+    float_weights = runs / "float" / "best.pt"
+    seconds = {"float": run_stage("float", runs / "float", train_main,
+                                  ["--mode", "float", *common("float")], resumable=True)}
+    seconds["calibrate"] = run_stage("calibrate", runs / "calibrate", calibrate_main,
+                                     common("calibrate", f"model_path={float_weights}"))
+    for mode in QAT_MODES:
+        seconds[f"qat_{mode}"] = run_stage(
+            f"qat {mode}", runs / f"qat_{mode}", train_main,
+            ["--mode", mode, *common(f"qat_{mode}", f"model_path={float_weights}")],
+            resumable=True)
+    best_name, best_path = best_quantized(runs)
+    logger.info("best quantized model: %s (%s)", best_name, best_path)
+    seconds["sensitivity"] = run_stage("sensitivity", runs / "sensitivity", sensitivity_main,
+                                       common("sensitivity", f"model_path={best_path}"),
+                                       accept=(EXIT_OK, EXIT_GATE))
+    sens = _results(runs / "sensitivity")
+    exported_from = best_name
+    if sens and sens["checkpoint"]:
+        best_path, exported_from = Path(sens["checkpoint"]), f"{best_name} + sensitivity " \
+            f"selection ({len(sens['float_layers'])} layers float)"
+    seconds["export"] = run_stage("export", runs / "export", export_main,
+                                  common("export", f"model_path={best_path}"),
+                                  accept=(EXIT_OK, EXIT_GATE))
+    print(write_report(runs, exported_from, seconds))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,73 @@
+"""The second example, a torchvision ResNet-18 classifier behind the four hooks, through every
+script: nothing in the toolkit may assume PIDNet."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from pidnet.calibrate import main as calibrate_main
+from pidnet.export_onnx import main as export_main
+from pidnet.sensitivity_analysis import main as sensitivity_main
+from pidnet.train import main as train_main
+
+from .helpers import ROOT
+
+USER = {"arch": "resnet18", "image_size": 32, "batch_size": 32, "train_images": 512,
+        "val_images": 128, "calib_images": 64}
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("classifier")
+    cfg = yaml.safe_load((ROOT / "examples" / "classifier" / "config.yaml").read_text())
+    cfg.update(hooks=str(ROOT / "examples" / "classifier" / "hooks.py"), device="cpu",
+               user=USER)
+    cfg["train"].update(epochs=3, log_interval=0)
+    cfg["qat"].update(epochs=1, freeze_bn_epochs=1, log_interval=0)
+    cfg["calib"]["num_batches"] = 2
+    cfg["export"].update(eval_batches=2, latency_runs=3)
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert train_main(["--mode", "float", "--config", str(path),
+                       "--set", f"output_dir={tmp / 'float'}"]) == 0
+    return tmp, path
+
+
+def _results(folder):
+    return json.loads((folder / "results.json").read_text())
+
+
+def test_classifier_goes_through_every_script(classifier):
+    tmp, cfg = classifier
+    weights = tmp / "float" / "best.pt"
+    float_acc = _results(tmp / "float")["best"]
+    assert float_acc > 60.0                       # four texture classes: chance is 25
+    base = ["--config", str(cfg), "--set", f"model_path={weights}"]
+
+    assert calibrate_main([*base, "--set", f"output_dir={tmp / 'ptq'}"]) == 0
+    ptq = _results(tmp / "ptq")
+    assert ptq["metric"] == "accuracy" and ptq["best"] > float_acc - 10
+
+    for mode in ("calib", "stats", "direct"):
+        assert train_main(["--mode", mode, *base, "--set", f"output_dir={tmp / mode}"]) == 0
+        res = _results(tmp / mode)
+        assert res["final"]["accuracy"] > 40.0, mode
+
+    assert sensitivity_main(["--config", str(cfg), "--set",
+                             f"model_path={tmp / 'ptq' / 'quantized.pt'}",
+                             "--set", f"output_dir={tmp / 'sens'}"]) == 0
+    sens = json.loads((tmp / "sens" / "sensitivity.json").read_text())
+    names = [r["layer"] for r in sens["layers"]]
+    assert names[0] == "conv1" and "fc" in names and len(names) > 20
+    assert sens["meta"]["metric"] == "accuracy" and sens["meta"]["higher_is_better"]
+
+    selected = tmp / "sens" / "sensitivity_model.pt"
+    code = export_main(["--config", str(cfg), "--set", f"model_path={selected}",
+                        "--set", f"output_dir={tmp / 'export'}"])
+    export = _results(tmp / "export")
+    assert code in (0, 3) and export["agreement"] >= 0.95
+    assert export["optimized_int8_graph"]["integer_convs"] > 0
+    assert abs(export["metrics"]["onnxruntime_int8"]
+               - export["metrics"]["pytorch_fake_quant"]) <= 3.0

@@ -1,0 +1,53 @@
+"""The one-command pipeline on a tiny config: every stage, the report, and a rerun that skips
+finished stages and resumes the rest."""
+from __future__ import annotations
+
+import json
+
+from pidnet.demo import main as demo_main
+
+from .helpers import TINY_HOOKS, TINY_NET_USER, tiny_config
+
+
+def test_demo_runs_every_stage_and_reports_what_the_files_hold(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, hooks=TINY_HOOKS, user=TINY_NET_USER,
+                      train={"epochs": 2, "lr": 0.05, "log_interval": 0},
+                      qat={"epochs": 2, "freeze_bn_epochs": 2, "log_interval": 0},
+                      calib={"num_batches": 1},
+                      sensitivity={"num_batches": 1, "tolerance": 100.0},
+                      export={"target": "onnxruntime", "eval_batches": 1, "latency_runs": 3,
+                              "min_agreement": 0.9})
+    runs = tmp_path / "runs"
+    assert demo_main(["--config", str(cfg), "--runs", str(runs)]) == 0
+    summary = json.loads((runs / "summary.json").read_text())
+    report = (runs / "report.md").read_text()
+    ptq = json.loads((runs / "calibrate" / "results.json").read_text())
+    export = json.loads((runs / "export" / "results.json").read_text())
+    rows = {r["stage"]: r for r in summary["rows"]}
+    assert rows["float"]["miou"] == ptq["float"]["miou"]
+    for method in ptq["methods"]:
+        assert rows[f"PTQ {method['method']}"]["miou"] == method["miou"]
+    for mode in ("calib", "stats", "direct"):
+        res = json.loads((runs / f"qat_{mode}" / "results.json").read_text())
+        row = rows[f"QAT {mode} (final epoch; best)"]
+        assert (row["miou"], row["best"]) == (res["final"]["miou"], res["best"])
+        assert f"{res['final']['miou']:.2f}" in report
+    assert summary["speedup"] == export["latency"]["speedup_over_float"]["int8"]
+    assert summary["agreement"] == export["agreement"]
+    assert f"{export['agreement']:.2%}" in report
+    assert (runs / "qat_curves.png").exists()
+    assert (runs / "sensitivity" / "sensitivity.png").exists()
+
+    # interrupted after the float and PTQ stages and one QAT epoch of direct mode: the rerun
+    # keeps what finished and resumes direct mode from its checkpoint
+    for stage in ("qat_direct", "sensitivity", "export"):
+        (runs / stage / "results.json").unlink()
+    float_mtime = (runs / "float" / "best.pt").stat().st_mtime_ns
+    capsys.readouterr()
+    assert demo_main(["--config", str(cfg), "--runs", str(runs)]) == 0
+    log = capsys.readouterr().err
+    assert "stage float: finished earlier" in log and "stage calibrate: finished earlier" in log
+    assert "stage qat calib: finished earlier" in log
+    assert "--mode direct" in log and "--resume" in log
+    assert (runs / "float" / "best.pt").stat().st_mtime_ns == float_mtime
+    assert json.loads((runs / "summary.json").read_text())["rows"] == summary["rows"]
