@@ -13,7 +13,8 @@ from .helpers import ROOT, TINY_HOOKS, TINY_NET_USER, run_script, tiny_config
 
 def test_two_processes_match_one(tmp_path, tiny_float_weights):
     # lr 1e-12 (learning rates must be above 0) and frozen batch norm: only calibration
-    # (statistics merged across ranks) and the evaluation (confusion matrices summed across ranks) differ between the two runs
+    # (statistics merged across ranks) and the evaluation (confusion matrices summed across
+    # ranks) differ between the two runs
     qat = {"epochs": 1, "lr": 1e-12, "log_interval": 0, "freeze_bn_epochs": 1}
     runs = {}
     for name in ("one", "two"):
