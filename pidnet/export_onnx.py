@@ -120,6 +120,9 @@ def _export(args: argparse.Namespace) -> None:
                                         exp.dynamic_batch),
              "int8": quant.export_onnx(deployed, example, out / "int8.onnx", exp.opset,
                                        exp.dynamic_batch)}
+    if exp.target == "onnxruntime":   # TensorRT's INT8 is signed: its graph keeps int8
+        converted = runtime.activations_to_uint8(paths["int8"])
+        logger.info("%d activation Q/DQ pairs as uint8 (zero point 128)", converted)
     logger.info("wrote %s and %s (%d batch norms folded)", paths["float"], paths["int8"],
                 len(folded))
 

@@ -107,3 +107,44 @@ def paired_latency(paths: dict[str, str | Path], shape: tuple[int, ...], threads
             "speedup_over_" + base: {k: statistics.median(b / t for b, t in zip(times[base], v))
                                      for k, v in times.items()},
             "runs": runs, "threads": threads, "shape": list(shape)}
+
+
+def activations_to_uint8(path: str | Path) -> int:
+    """Rewrite every per-tensor int8 activation Q/DQ pair (zero point 0) of the ONNX file as
+    uint8 with zero point 128, in place; returns how many. The grid is the same (q + 128), so
+    outputs are bit-identical, but every activation now has onnxruntime's preferred type:
+    integer kernels with inputs of one type fuse (QLinearAdd needs both inputs and the output
+    alike; ReLU outputs are uint8 already) and convolutions take the u8s8 path on x86."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list[Any]] = collections.defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node)
+
+    def constant(name: str) -> np.ndarray | None:
+        if name in initializers:
+            return onnx.numpy_helper.to_array(initializers[name])
+        node = producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            return onnx.numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+    converted = 0
+    for q in [n for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]:
+        if constant(q.input[0]) is not None:          # a weight: stays int8
+            continue
+        zero = constant(q.input[2])
+        if zero is None or zero.dtype != np.int8 or zero.size != 1 or zero.item() != 0:
+            continue
+        name = f"{q.output[0]}_zero_point_u8"
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array(128, np.uint8), name))
+        q.input[2] = name
+        for dq in readers[q.output[0]]:
+            if dq.op_type == "DequantizeLinear":
+                dq.input[2] = name
+        converted += 1
+    onnx.save(model, str(path))
+    return converted

@@ -149,3 +149,28 @@ def test_layers_kept_float_by_sensitivity_stay_float_in_the_graph(tmp_path):
     assert results["agreement"] >= 0.995 and results["metric"] == "loss"
     assert np.isclose(results["metrics"]["onnxruntime_int8"],
                       results["metrics"]["pytorch_fake_quant"], rtol=1e-3)
+
+
+def test_uint8_activations_give_identical_outputs(tmp_path, tiny_float_weights):
+    """The onnxruntime rewrite of int8 activation Q/DQ pairs to uint8 (zero point 128) keeps
+    every output bit-identical and leaves the weights int8."""
+    import shutil
+
+    cfg, ckpt = _calibrated(tmp_path, tiny_float_weights, "tensorrt")
+    assert export_main(["--config", str(cfg), "--set", f"model_path={ckpt}"]) == 0
+    signed = tmp_path / "run" / "int8.onnx"
+    unsigned = tmp_path / "u8.onnx"
+    shutil.copy(signed, unsigned)
+    before = Graph(signed)
+    activations = [q for q in before.ops("QuantizeLinear") if q.input[0] not in before.inits]
+    assert runtime.activations_to_uint8(unsigned) == len(activations) == 5
+    graph = Graph(unsigned)
+    for q in graph.ops("QuantizeLinear"):
+        weight = q.input[0] in graph.inits
+        assert graph.constant(q.input[2]).dtype == (np.int8 if weight else np.uint8)
+    for conv in graph.ops("Conv"):
+        weight_dq = graph.producer[conv.input[1]]
+        assert graph.constant(weight_dq.input[2]).dtype == np.int8
+    x = torch.randn(1, 3, 64, 128)
+    assert torch.equal(runtime.run(runtime.session(signed, 1), x),
+                       runtime.run(runtime.session(unsigned, 1), x))
