@@ -115,10 +115,25 @@ def main() -> None:
                                check=True)
     result = collect()
     (ROOT / "bench" / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    for name, fig in result["figures"].items():
-        goal = f"  goal {fig['goal']}: {'met' if fig['met'] else 'MISSED'}" if fig["goal"] else ""
-        print(f"{name:45s} {fig['value']}{goal}")
+    print(markdown(result))
     print(ROOT / "bench" / "results.json")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The figures as the README's table: value, goal and whether it was met."""
+    lines = [f"Measured {result['date']} on {result['machine']['platform']} "
+             f"({result['machine']['cpu_count']} CPUs), torch "
+             f"{result['versions'].get('torch', '?')}, nvidia-modelopt "
+             f"{result['versions'].get('nvidia-modelopt', '?')}, onnxruntime "
+             f"{result['versions'].get('onnxruntime', '?')}; `python -m bench`.", "",
+             "| figure | value | goal | met | from |", "| --- | --- | --- | --- | --- |"]
+    for name, fig in result["figures"].items():
+        value = fig["value"] if not isinstance(fig["value"], list) else (
+            ", ".join(fig["value"]) or "none")
+        met = "" if fig["goal"] is None else ("yes" if fig["met"] else "**no**")
+        lines.append(f"| {name} | {value} | {fig['goal'] or ''} | {met} | "
+                     f"`bench/results/{fig['source']}` |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

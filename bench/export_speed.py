@@ -3,13 +3,14 @@ and against onnxruntime's own static quantization of the same float graph, in on
 
     python -m bench.export_speed --weights runs/float/best.pt [--qat runs/qat_ort/best.pt]
 
-1. calibrate.py (entropy) with export.target=onnxruntime and with tensorrt, at the deployed
-   size (512x1024 scenes), then export_onnx.py for each: float.onnx, int8.onnx, the argmax
-   agreement with PyTorch's fake-quant model, the integer-convolution count.
+1. calibrate.py (entropy) with export.target=onnxruntime and with tensorrt on the config's
+   scenes, then export_onnx.py for each twice: at the size the model was trained and
+   validated at (argmax agreement with PyTorch's fake-quant model and the metric, on 64 val
+   scenes: the accuracy figures) and at the deployed ``--size`` (the speed figures).
    With --qat, a QAT checkpoint (export.target=onnxruntime) is exported the same way.
-2. onnxruntime's peer: quant_pre_process on float.onnx, then quantize_static (QDQ, per-channel
-   int8 weights, uint8 activations, MinMax over the same calibration scenes).
-3. Latency of every graph, interleaved, paired medians, ``--threads`` threads.
+2. onnxruntime's peer: quant_pre_process on the deployed-size float.onnx, then quantize_static
+   (QDQ, per-channel int8 weights, uint8 activations, MinMax over calibration scenes).
+3. Latency of every deployed-size graph, interleaved, paired medians, ``--threads`` threads.
 
 Goals (issue 9): INT8 (onnxruntime placement) at least 2.5x float and at least the peer, with
 pixel agreement at least 99.5%. Figures: bench/results/export_speed.json.
@@ -65,31 +66,35 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out_dir)
     h, w = args.size
-    scenes = [f"user.image_size=[{h}, {w}]", f"user.crop_size=[{h}, {w}]",
-              f"user.calib_images={args.calib_images}", "user.val_images=4",
-              "user.eval_batch_size=1", "user.batch_size=1",
-              f"calib.num_batches={args.calib_images}", "calib.methods=[entropy]",
-              f"export.threads={args.threads}", f"export.latency_runs={args.runs}"]
-    sets = [a for s in scenes for a in ("--set", s)]
-
-    exports, checkpoints = {}, {}
+    timing = [f"export.threads={args.threads}", f"export.latency_runs={args.runs}"]
+    checkpoints = {}
     for target in ("onnxruntime", "tensorrt"):
         cal = out / f"calibrate_{target}"
-        assert calibrate_main(["--config", args.config, "--force", *sets,
-                               "--set", f"model_path={args.weights}",
+        assert calibrate_main(["--config", args.config, "--force", "--set",
+                               f"model_path={args.weights}", "--set", "calib.methods=[entropy]",
                                "--set", f"export.target={target}",
                                "--set", f"output_dir={cal}"]) == 0
         checkpoints[f"ptq_{target}"] = (cal / "quantized.pt", target)
     if args.qat:
         checkpoints["qat_onnxruntime"] = (Path(args.qat), "onnxruntime")
+    exports, deployed = {}, {}
     for name, (ckpt, target) in checkpoints.items():
-        code = export_main(["--config", args.config, "--force", *sets,
-                            "--set", f"model_path={ckpt}", "--set", f"export.target={target}",
-                            "--set", f"output_dir={out / name}"])
-        assert code in (0, 3), code
-        exports[name] = json.loads((out / name / "results.json").read_text())
+        for kind, extra in (("accuracy", ["export.eval_batches=8"]),
+                            ("deployed", [f"export.input_size=[{h}, {w}]",
+                                          "export.eval_batches=1"])):
+            folder = out / f"{name}_{kind}"
+            sets = [a for x in [*timing, *extra] for a in ("--set", x)]
+            code = export_main(["--config", args.config, "--force", *sets,
+                                "--set", f"model_path={ckpt}", "--set", f"export.target={target}",
+                                "--set", f"output_dir={folder}"])
+            assert code in (0, 3), code
+            (exports if kind == "accuracy" else deployed)[name] = json.loads(
+                (folder / "results.json").read_text())
+    scenes = [f"user.image_size=[{h}, {w}]", f"user.crop_size=[{h}, {w}]",
+              f"user.calib_images={args.calib_images}", "user.eval_batch_size=1",
+              "user.batch_size=1"]
 
-    float_graph = out / "ptq_onnxruntime" / "float.onnx"
+    float_graph = out / "ptq_onnxruntime_deployed" / "float.onnx"
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(float_graph), str(prepared))
@@ -98,7 +103,7 @@ def main() -> None:
                         Scenes(args.config, scenes, args.calib_images),
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    graphs = {"float": float_graph, **{k: out / k / "int8.onnx" for k in exports},
+    graphs = {"float": float_graph, **{k: out / f"{k}_deployed" / "int8.onnx" for k in deployed},
               "onnxruntime_quantize_static": peer}
     latency = runtime.paired_latency(graphs, (1, 3, h, w), args.threads, args.runs)
     speed = latency["speedup_over_float"]
@@ -109,6 +114,9 @@ def main() -> None:
         "versions": versions(), "cpu_count": os.cpu_count(), "input": [1, 3, h, w],
         "latency": latency,
         "agreement": {k: v["agreement"] for k, v in exports.items()},
+        "agreement_at_deployed_size": {k: v["agreement"] for k, v in deployed.items()},
+        "accuracy_input": exports["ptq_onnxruntime"]["input_shape"],
+        "pixels_compared": exports["ptq_onnxruntime"]["pixels_compared"],
         "metrics": {k: v["metrics"] for k, v in exports.items()},
         "integer_convs": {k: f"{v['optimized_int8_graph']['integer_convs']} of "
                              f"{v['optimized_int8_graph']['all_convs']}"
