@@ -28,6 +28,7 @@ from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantT
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from bench import save_result
 from pidnet import runtime
 from pidnet.calibrate import main as calibrate_main
 from pidnet.config import load_config
@@ -126,10 +127,7 @@ def main() -> None:
         "goals": {"int8_over_float_at_least_2.5": ours >= 2.5,
                   "at_least_the_peer": ours >= speed["onnxruntime_quantize_static"],
                   "agreement_at_least_0.995": exports["ptq_onnxruntime"]["agreement"] >= 0.995}}
-    print(json.dumps(result, indent=2))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(args.json)
+    save_result(result, args.json)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from bench import save_result
 from pidnet import quant
 from pidnet.calibrate import main as calibrate_main
 from pidnet.config import load_config
@@ -114,10 +115,7 @@ def main() -> None:
               "command": "python -m bench.sensitivity_cost --weights " + args.weights,
               "sweep": sweep_ratio(Path(args.config), checkpoint, args.batches, args.repeats),
               "ranks": rank_scaling(Path(args.config), checkpoint, args.batches, out)}
-    print(json.dumps(result, indent=2))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(args.json)
+    save_result(result, args.json)
 
 
 if __name__ == "__main__":

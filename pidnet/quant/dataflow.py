@@ -82,6 +82,13 @@ def trace_dataflow(model: nn.Module, example: Any, skip: type | tuple[type, ...]
         if name and leaf and not (skip and isinstance(module, skip)):
             handles += [module.register_forward_pre_hook(pre(name)),
                         module.register_forward_hook(post(name))]
+    forward_once(model, example, handles)
+    return flow
+
+
+def forward_once(model: nn.Module, example: Any, handles: list[Any]) -> None:
+    """One forward pass of ``example`` in eval mode without gradients, for the hooks behind
+    ``handles``, which are removed afterwards (the model's train/eval mode is restored)."""
     was_training = model.training
     try:
         model.eval()
@@ -91,4 +98,3 @@ def trace_dataflow(model: nn.Module, example: Any, skip: type | tuple[type, ...]
         for h in handles:
             h.remove()
         model.train(was_training)
-    return flow

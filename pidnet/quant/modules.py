@@ -18,7 +18,7 @@ from torch import nn
 from ..config import QuantConfig
 from ..errors import CheckpointError, ConfigError
 from ..model import Add, Blend
-from .dataflow import Dataflow, trace_dataflow
+from .dataflow import Dataflow, forward_once, trace_dataflow
 
 logger = logging.getLogger(__name__)
 
@@ -214,15 +214,7 @@ def execution_order(model: nn.Module, example: Any) -> list[str]:
     handles = [module.register_forward_pre_hook(
         lambda _m, _a, name=name: order.append(name) if name not in order else None)
         for name, module in model.named_modules() if name in layers]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    forward_once(model, example, handles)
     return order + [n for n in layers if n not in order]
 
 
