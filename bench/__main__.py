@@ -83,6 +83,9 @@ def collect() -> dict[str, Any]:
         agreement = export["agreement"]["ptq_onnxruntime"]
         figures["int8_argmax_agreement"] = _figure(round(agreement, 4), ">= 0.995",
                                                    agreement >= 0.995, cmd, "export_speed.json")
+        floor = export["agreement_folded_pytorch"]["ptq_onnxruntime"]
+        figures["argmax_agreement_batch_norm_folded_pytorch"] = _figure(
+            round(floor, 4), None, None, cmd, "export_speed.json")
         figures["integer_convolutions"] = _figure(export["integer_convs"]["ptq_onnxruntime"],
                                                   None, None, cmd, "export_speed.json")
     versions = next((d["versions"] for d in (sens, export) if d and "versions" in d), {})

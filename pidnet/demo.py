@@ -83,6 +83,7 @@ def summary(runs: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
              "exported": export["graphs"]["int8"] if export else None,
              "speedup": export["latency"]["speedup_over_float"]["int8"] if export else None,
              "agreement": export["agreement"] if export else None,
+             "agreement_folded": export["agreement_folded_pytorch"] if export else None,
              "int8_metric": export["metrics"]["onnxruntime_int8"] if export else None,
              "integer_convs": (f"{export['optimized_int8_graph']['integer_convs']} of "
                                f"{export['optimized_int8_graph']['all_convs']}")
@@ -107,7 +108,8 @@ def write_report(runs: Path, exported_from: str, seconds: dict[str, float]) -> P
         f"{facts['float_layers'] if facts['float_layers'] is not None else 'not run'}"
         f" (tolerance met: {facts['sensitivity_met']}; sensitivity/results.json)",
         f"- INT8 in onnxruntime (CPU): {facts['speedup']:.2f}x the float graph's speed, "
-        f"argmax agreement with PyTorch {facts['agreement']:.2%}, {metric} "
+        f"argmax agreement with PyTorch {facts['agreement']:.2%} (batch norm folded in "
+        f"PyTorch alone: {facts['agreement_folded']:.2%}), {metric} "
         f"{facts['int8_metric']:.2f}, integer convolutions {facts['integer_convs']} "
         "(export/results.json)" if facts["speedup"] is not None else "- Export: not run",
         "", "![QAT per epoch](qat_curves.png)", "",
