@@ -37,11 +37,13 @@ def _results(folder: Path) -> dict[str, Any] | None:
 
 def run_stage(name: str, folder: Path, script: Callable[[list[str]], int], args: list[str],
               resumable: bool = False, accept: Sequence[int] = (EXIT_OK,)) -> float:
-    """Run one stage unless it finished; returns its seconds (0 when skipped)."""
+    """Run one stage unless it finished; returns its seconds (0 when skipped). A training
+    stage resumes from its ``last.pt``; the sweep resumes from its rows by itself; the other
+    stages keep nothing worth resuming and start again."""
     if _results(folder) is not None:
         logger.info("stage %s: finished earlier (%s), skipped", name, folder / "results.json")
         return 0.0
-    extra = ["--resume"] if resumable else ["--force"]
+    extra = ["--resume"] if resumable else []
     start = time.perf_counter()
     logger.info("stage %s: %s", name, " ".join(args + extra))
     code = script(args + extra)

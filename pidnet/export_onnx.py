@@ -138,9 +138,9 @@ def _export(args: argparse.Namespace) -> None:
         for inputs, _ in batches:
             inputs = to_device(inputs, torch.device("cpu"))
             reference = main_prediction(model(inputs.to(session.device))).cpu().argmax(1)
-            for key, out in (("onnxruntime_int8", graphs["int8"](inputs)),
-                             ("pytorch_folded", deployed(inputs))):
-                agree[key] += int((reference == out.argmax(1)).sum())
+            for key, prediction in (("onnxruntime_int8", graphs["int8"](inputs)),
+                                    ("pytorch_folded", deployed(inputs))):
+                agree[key] += int((reference == prediction.argmax(1)).sum())
             total += reference.numel()
     agreement = agree["onnxruntime_int8"] / total
     folded_agreement = agree["pytorch_folded"] / total

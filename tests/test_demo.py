@@ -49,5 +49,7 @@ def test_demo_runs_every_stage_and_reports_what_the_files_hold(tmp_path, capsys)
     assert "stage float: finished earlier" in log and "stage calibrate: finished earlier" in log
     assert "stage qat calib: finished earlier" in log
     assert "--mode direct" in log and "--resume" in log
+    sweep = next(line for line in log.splitlines() if "stage sensitivity:" in line)
+    assert "--force" not in sweep            # the sweep resumes from its finished rows
     assert (runs / "float" / "best.pt").stat().st_mtime_ns == float_mtime
     assert json.loads((runs / "summary.json").read_text())["rows"] == summary["rows"]
