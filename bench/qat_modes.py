@@ -25,6 +25,7 @@ from pidnet.checkpoint import load_weights
 from pidnet.config import load_config
 from pidnet.engine import to_device
 from pidnet.hooks import load_hooks
+from pidnet.pipeline import example_input
 from pidnet.reports import format_table
 from pidnet.train import main as train_main
 
@@ -38,8 +39,9 @@ def step_time_ratio(config: Path, weights: Path, steps: int) -> dict[str, float]
     hooks = load_hooks(cfg.hooks)
     float_model = hooks.get_model(cfg)
     load_weights(float_model, weights)
-    qat_model = quant.insert_quantizers(copy.deepcopy(float_model), cfg.quant, cfg.export.target)
     loader = hooks.get_data_loader(cfg, "train")
+    qat_model = quant.insert_quantizers(copy.deepcopy(float_model), cfg.quant, cfg.export.target,
+                                        example_input(loader, torch.device("cpu")))
     criterion = hooks.get_criterion(cfg)
     stats = quant.collect_stats(qat_model, loader, torch.device("cpu"), 2)
     quant.apply_ranges(qat_model, stats, cfg.calib.method)
