@@ -48,6 +48,8 @@ def collect() -> dict[str, Any]:
         for row in qat["rows"]:
             figures[f"miou_{row['stage'].replace(' ', '_')}"] = _figure(
                 round(row["miou"], 2), None, None, cmd, "qat_modes.json")
+        for goal in ("every_mode_within_0.3", "every_mode_above_best_ptq"):
+            figures[f"qat_{goal}"] = _figure(s[goal], "true", s[goal], cmd, "qat_modes.json")
         figures["qat_step_over_float_step"] = _figure(
             round(s["qat_step_over_float_step"], 2), "<= 1.3",
             s["qat_step_over_float_step"] <= 1.3, cmd, "qat_modes.json")

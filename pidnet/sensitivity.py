@@ -54,16 +54,18 @@ def measure_layer(model: nn.Module, layers: Sequence[str], name: str, direction:
 
 
 def sweep_layers(model: nn.Module, layers: Sequence[str], direction: str,
-                 measure: Callable[[], float], quantized: float,
+                 measure: Callable[[], float], quantized: float | None = None,
                  progress: Callable[[Sequence[str]], Iterator[str]] = iter
                  ) -> Iterator[dict[str, Any]]:
     """One row per layer of ``layers`` (in the given order), yielded as each finishes:
-    its metric and its ``delta`` from the fully quantized metric."""
+    its metric and, when ``quantized`` is given, its ``delta`` from the fully quantized
+    metric."""
     all_layers = list(quant.layer_quantizers(model))
     for name in progress(layers):
         start = time.perf_counter()
         value = measure_layer(model, all_layers, name, direction, measure)
-        yield {"layer": name, "metric": value, "delta": value - quantized,
+        yield {"layer": name, "metric": value,
+               "delta": None if quantized is None else value - quantized,
                "seconds": round(time.perf_counter() - start, 3)}
 
 

@@ -129,28 +129,33 @@ def _analyse(args: argparse.Namespace) -> None:
             picked["name"], picked["higher"] = pick_metric(metrics, cfg.metric)
         return metrics[picked["name"]]
 
-    with quant.layers_enabled(model, layers, False):
-        float_value = measure()
-    name = picked["name"]
-    baseline = {"float": float_value, "quantized": measure()}
-    objective = Objective(picked["higher"], cfg.sensitivity.tolerance)
-    logger.info("%s: float %.4f, fully quantized %.4f; %d layers (%s), %d already measured",
-                name, baseline["float"], baseline["quantized"], len(layers), source, len(done))
-
-    mine = [n for n in layers if n not in done][rank()::env_world_size()]
+    # rank 0 alone measures the baselines (and later selects): it takes the smaller share
+    baseline: dict[str, float] = {}
+    if rank() == 0:
+        with quant.layers_enabled(model, layers, False):
+            baseline["float"] = measure()
+        baseline["quantized"] = measure()
+        logger.info("%s: float %.4f, fully quantized %.4f; %d layers (%s), %d already measured",
+                    picked["name"], baseline["float"], baseline["quantized"], len(layers),
+                    source, len(done))
+    remaining = [n for n in layers if n not in done]
+    mine = remaining[(rank() + 1) % env_world_size()::env_world_size()]
     new_rows = []
     for row in sweep_layers(model, mine, cfg.sensitivity.direction, measure,
-                            baseline["quantized"],
+                            baseline.get("quantized"),
                             progress=lambda names: progress_bar(names, "layers", leave=True)):
         _append_row(my_rows, {"fingerprint": fingerprint, **row})
         new_rows.append(row)
         if not interactive():
-            logger.info("layer %s: %s %.4f (%+.4f from fully quantized)", row["layer"], name,
-                        row["metric"], row["delta"])
+            logger.info("layer %s: %s %.4f", row["layer"], picked["name"], row["metric"])
     gathered = {r["layer"]: r for r in _gather_rows(new_rows, session.device)}
     if rank() != 0:
         return
+    name = picked["name"]
+    objective = Objective(picked["higher"], cfg.sensitivity.tolerance)
     rows = [{"index": i, **{**done, **gathered}[n]} for i, n in enumerate(layers)]
+    for row in rows:
+        row["delta"] = row["metric"] - baseline["quantized"]
     order = rank_layers(rows, cfg.sensitivity.direction, baseline, objective)
     float_layers, steps, met = select_float_layers(model, order, baseline, objective, measure,
                                                    cfg.sensitivity.max_float_layers)
