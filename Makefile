@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(PY) -m ruff check pidnet tests bench *.py
+	$(PY) -m ruff check pidnet tests bench examples *.py
 
 clean:
 	rm -rf runs .pytest_cache
