@@ -64,8 +64,9 @@ def start_session(args: argparse.Namespace, default_output: str, resume: bool = 
     if is_main():
         for item in args.set:
             logger.info("override: %s", item)
-        logger.info("config: %s", config_to_dict(cfg))
         save_config(cfg, out / "config.yaml")
+        logger.info("resolved config: %s", out / "config.yaml")
+        logger.debug("config: %s", config_to_dict(cfg))
     seed_everything(cfg.seed + rank())
     return Session(cfg, out, hooks, device)
 
