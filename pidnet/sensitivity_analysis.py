@@ -138,8 +138,10 @@ def _analyse(args: argparse.Namespace) -> None:
         logger.info("%s: float %.4f, fully quantized %.4f; %d layers (%s), %d already measured",
                     picked["name"], baseline["float"], baseline["quantized"], len(layers),
                     source, len(done))
-    remaining = [n for n in layers if n not in done]
-    mine = remaining[(rank() + 1) % env_world_size()::env_world_size()]
+    # each layer has one owner, fixed by its position (not by what a rank found finished, as
+    # other ranks may already be appending this run's rows); rank 0 owns the smaller share
+    owned = layers[(rank() + 1) % env_world_size()::env_world_size()]
+    mine = [n for n in owned if n not in done]
     new_rows = []
     for row in sweep_layers(model, mine, cfg.sensitivity.direction, measure,
                             baseline.get("quantized"),

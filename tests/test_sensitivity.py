@@ -198,3 +198,21 @@ def test_qat_trains_a_model_the_hooks_return_with_model_path_null(tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["baselines"]["float"]["loss"] == pytest.approx(0.0, abs=1e-9)
     assert (tmp_path / "run" / "best.pt").exists()
+
+
+def test_two_ranks_resume_a_sweep_one_rank_left_unfinished(tmp_path):
+    cfg = legacy_config(tmp_path)
+    env = {**os.environ, "FRAGILE_KILL_AFTER": str(6 * 3 + 3)}   # killed inside layer two
+    assert run_script("sensitivity_analysis.py", "--config", str(cfg), env=env).returncode == -9
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", str(ROOT / "sensitivity_analysis.py"),
+                          "--config", str(cfg)], capture_output=True, text=True, timeout=300,
+                         env=env, cwd=ROOT)
+    assert two.returncode == 0, two.stderr[-2000:]
+    measured = [line for line in two.stderr.splitlines() if "INFO" in line and " layer " in line]
+    assert sorted(line.split(" layer ")[1].split(":")[0] for line in measured) == [
+        "fragile", "head"]                       # expand was finished before the kill
+    report = _reports(tmp_path / "run")[0]
+    assert [r["layer"] for r in report["layers"]] == LAYERS
+    assert report["float_layers"] == ["fragile"]
