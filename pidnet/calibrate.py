@@ -27,8 +27,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = base_parser("Post-training quantization: compare calibration methods.")
     parser.add_argument("--fail-below", type=float, default=None, metavar="X",
                         help="exit with status 3 when the best method's metric is below X")
-    parser.add_argument("--force", action="store_true",
-                        help="overwrite an output_dir that already holds results")
     return parser
 
 

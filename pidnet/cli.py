@@ -15,13 +15,18 @@ from .errors import InputError, QualityGateError, TrainingError
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_GATE = 0, 1, 2, 3
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
+def base_parser(description: str,
+                force_help: str = "overwrite an output_dir that already holds results"
+                ) -> argparse.ArgumentParser:
+    """The arguments every script takes: --config, --set, -v, and --force (what overwriting
+    means for this script is ``force_help``)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=None, help="YAML config file (default: built-in "
                         "defaults)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.lr=0.02 (repeatable)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--force", action="store_true", help=force_help)
     return parser
 
 

@@ -262,7 +262,7 @@ def check_bounds(section: Any, prefix: str = "") -> None:
             bounds.check(f"{prefix}{f.name}", getattr(section, f.name), section, prefix)
 
 
-def all_bounds(cls: type = None, prefix: str = "") -> dict[str, Bounds]:
+def all_bounds(cls: type | None = None, prefix: str = "") -> dict[str, Bounds]:
     """Every key with allowed values, by its dotted name (for the docs and the tests)."""
     found: dict[str, Bounds] = {}
     for f in dataclasses.fields(cls or Config):

@@ -54,22 +54,20 @@ def run_stage(name: str, folder: Path, script: Callable[[list[str]], int], args:
 
 
 def best_quantized(runs: Path) -> tuple[str, Path]:
-    """The quantized checkpoint with the best final val metric: a QAT mode or PTQ."""
-    candidates = []
+    """The quantized checkpoint with the best val metric: a QAT mode or PTQ (the stages that
+    wrote them have finished)."""
     ptq = _results(runs / "calibrate")
-    higher = ptq is None or ptq["metric"] != "loss"
-    if ptq is not None:
-        candidates.append((ptq["best"], "ptq " + ptq["best_method"], Path(ptq["checkpoint"])))
-    for mode in QAT_MODES:
-        res = _results(runs / f"qat_{mode}")
-        if res is not None:
-            candidates.append((res["best"], f"qat {mode}", runs / f"qat_{mode}" / "best.pt"))
+    candidates = [(ptq["best"], "ptq " + ptq["best_method"], Path(ptq["checkpoint"]))]
+    candidates += [(_results(runs / f"qat_{mode}")["best"], f"qat {mode}",
+                    runs / f"qat_{mode}" / "best.pt") for mode in QAT_MODES]
+    higher = ptq["metric"] != "loss"
     _value, name, path = (max if higher else min)(candidates, key=lambda c: c[0])
     return name, path
 
 
 def summary(runs: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The report's rows, read from the stages' results files only."""
+    """The report's rows, read from the stages' results files only (every stage wrote one:
+    a missed quality gate still writes its results)."""
     ptq, sens, export = (_results(runs / s) for s in ("calibrate", "sensitivity", "export"))
     metric = ptq["metric"]
     rows = [{"stage": "float", metric: ptq["float"][metric],
@@ -80,16 +78,14 @@ def summary(runs: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         res = _results(runs / f"qat_{mode}")
         rows.append({"stage": f"QAT {mode} (final epoch; best)", metric: res["final"][metric],
                      "best": res["best"], "source": f"qat_{mode}/results.json"})
-    facts = {"metric": metric, "float_layers": sens["float_layers"] if sens else None,
-             "sensitivity_met": sens["met"] if sens else None,
-             "exported": export["graphs"]["int8"] if export else None,
-             "speedup": export["latency"]["speedup_over_float"]["int8"] if export else None,
-             "agreement": export["agreement"] if export else None,
-             "agreement_folded": export["agreement_folded_pytorch"] if export else None,
-             "int8_metric": export["metrics"]["onnxruntime_int8"] if export else None,
-             "integer_convs": (f"{export['optimized_int8_graph']['integer_convs']} of "
-                               f"{export['optimized_int8_graph']['all_convs']}")
-             if export else None}
+    ops = export["optimized_int8_graph"]
+    facts = {"metric": metric, "float_layers": sens["float_layers"],
+             "sensitivity_met": sens["met"], "exported": export["graphs"]["int8"],
+             "speedup": export["latency"]["speedup_over_float"]["int8"],
+             "agreement": export["agreement"],
+             "agreement_folded": export["agreement_folded_pytorch"],
+             "int8_metric": export["metrics"]["onnxruntime_int8"],
+             "integer_convs": f"{ops['integer_convs']} of {ops['all_convs']}"}
     return rows, facts
 
 
@@ -106,14 +102,13 @@ def write_report(runs: Path, exported_from: str, seconds: dict[str, float]) -> P
         f"Every figure below is read from the `results.json` named beside it (under `{runs}`).",
         "", "```", table, "```", "",
         f"- Exported model: {exported_from} -> `{facts['exported']}`",
-        f"- Layers kept in float by the sensitivity analysis: "
-        f"{facts['float_layers'] if facts['float_layers'] is not None else 'not run'}"
+        f"- Layers kept in float by the sensitivity analysis: {facts['float_layers']}"
         f" (tolerance met: {facts['sensitivity_met']}; sensitivity/results.json)",
         f"- INT8 in onnxruntime (CPU): {facts['speedup']:.2f}x the float graph's speed, "
         f"argmax agreement with PyTorch {facts['agreement']:.2%} (batch norm folded in "
         f"PyTorch alone: {facts['agreement_folded']:.2%}), {metric} "
         f"{facts['int8_metric']:.2f}, integer convolutions {facts['integer_convs']} "
-        "(export/results.json)" if facts["speedup"] is not None else "- Export: not run",
+        "(export/results.json)",
         "", "![QAT per epoch](qat_curves.png)", "",
         "![Sensitivity per layer](sensitivity/sensitivity.png)", "",
         "Stage wall times this run (0: finished in an earlier run): "

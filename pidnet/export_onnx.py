@@ -21,21 +21,12 @@ from .checkpoint import read_checkpoint
 from .cli import base_parser, run_cli
 from .config import Config
 from .engine import main_prediction, pick_metric, to_device
-from .errors import CheckpointError, InputError, QualityGateError
-from .hooks import Hooks
-from .pipeline import (FixedBatches, build_criterion, checkpoint_target, evaluate_model,
-                       load_quantized, start_session)
+from .errors import InputError, QualityGateError
+from .pipeline import (FixedBatches, build_criterion, check_quantized, evaluate_model,
+                       restore_checkpoint, start_session)
 from .reports import format_table, write_json
 
 logger = logging.getLogger(__name__)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser("Export a quantized checkpoint to ONNX (float and INT8 Q/DQ), check "
-                         "it in onnxruntime and time it.")
-    parser.add_argument("--force", action="store_true",
-                        help="overwrite an output_dir that already holds results")
-    return parser
 
 
 class MainOutput(nn.Module):
@@ -68,20 +59,12 @@ class Resized:
         return len(self.batches)
 
 
-def _check_checkpoint(cfg: Config, hooks: Hooks) -> None:
+def _read_checkpoint(cfg: Config) -> dict[str, Any]:
     """Before any work: model_path is a quantized checkpoint placed for ``export.target``."""
-    hint = "export a quantized checkpoint from calibrate.py, qat_train.py or " \
-           "sensitivity_analysis.py"
     if cfg.model_path is None:
-        raise InputError(f"export_onnx.py needs model_path: {hint}")
-    ckpt = read_checkpoint(cfg.model_path)
-    if ckpt.get("kind") != "quantized":
-        raise CheckpointError(f"{cfg.model_path} holds float weights; {hint}")
-    if checkpoint_target(ckpt) != cfg.export.target:
-        raise CheckpointError(
-            f"{cfg.model_path} was quantized for export.target={checkpoint_target(ckpt)}, not "
-            f"{cfg.export.target}: calibrate or train with --set "
-            f"export.target={cfg.export.target} to deploy there")
+        raise InputError("export_onnx.py needs model_path: a quantized checkpoint from "
+                         "calibrate.py, qat_train.py or sensitivity_analysis.py")
+    return check_quantized(read_checkpoint(cfg.model_path), cfg.model_path, cfg.export.target)
 
 
 def trtexec_commands(out: Any, cfg: Config, shape: list[int]) -> dict[str, str]:
@@ -98,10 +81,12 @@ def trtexec_commands(out: Any, cfg: Config, shape: list[int]) -> dict[str, str]:
 
 
 def _export(args: argparse.Namespace) -> None:
-    session = start_session(args, default_output="runs/export", force=args.force,
-                            resumable=False, validate=_check_checkpoint)
+    checked: dict[str, Any] = {}     # the checkpoint, read once while checking the inputs
+    session = start_session(
+        args, default_output="runs/export", force=args.force, resumable=False,
+        validate=lambda cfg, hooks: checked.update(ckpt=_read_checkpoint(cfg)))
     cfg, out, exp = session.cfg, session.out, session.cfg.export
-    model = load_quantized(session, cfg.model_path).eval()
+    model = restore_checkpoint(session, checked["ckpt"]).eval()
     criterion = build_criterion(session)
     batches = FixedBatches(session.hooks.get_data_loader(cfg, "val"), exp.eval_batches,
                            session.device, cfg.seed)
@@ -180,4 +165,6 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(_export, build_parser(), argv)
+    parser = base_parser("Export a quantized checkpoint to ONNX (float and INT8 Q/DQ), check it "
+                         "in onnxruntime and time it.")
+    return run_cli(_export, parser, argv)

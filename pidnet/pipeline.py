@@ -147,15 +147,14 @@ def quantized_copy_with_stats(session: Session, float_model: nn.Module, loader: 
     return model, stats, time.perf_counter() - start
 
 
-def save_quantized(path: Path, model: nn.Module, cfg: Config, target: str | None = None,
-                   **info: Any) -> Path:
+def save_quantized(path: Path, model: nn.Module, cfg: Config, **info: Any) -> Path:
     """A quantized model as a plain checkpoint: weights and ranges plus modelopt's state and
-    the deployment ``target`` its quantizers were placed for (default ``export.target``)."""
+    the deployment target its quantizers were placed for (``export.target``)."""
     from . import quant
 
     return save_checkpoint({"kind": "quantized", "model": model.state_dict(),
                             "modelopt_state": quant.quant_state(model),
-                            "target": target or cfg.export.target,
+                            "target": cfg.export.target,
                             "config": config_to_dict(cfg), **info}, path)
 
 
@@ -165,37 +164,25 @@ def checkpoint_target(ckpt: dict[str, Any]) -> str:
                                                                                 "tensorrt")
 
 
-def is_quantized_checkpoint(session: Session, path: str | Path | None) -> bool:
-    """Whether ``path`` is one of this toolkit's quantized checkpoints. A hooks file that loads
-    ``model_path`` itself may use a format of its own: a file this toolkit cannot read is then
-    the hooks' float weights."""
-    if path is None:
-        return False
-    try:
-        return read_checkpoint(path).get("kind") == "quantized"
-    except CheckpointError:
-        if session.hooks.model_loads_itself:
-            return False
-        raise
+def check_quantized(ckpt: dict[str, Any], path: str | Path, target: str) -> dict[str, Any]:
+    """``ckpt`` itself when it is a quantized checkpoint placed for ``target``; otherwise a
+    ``CheckpointError`` that says how to make the right one."""
+    if ckpt.get("kind") != "quantized" or "modelopt_state" not in ckpt:
+        raise CheckpointError(f"{path} holds float weights, not a quantized checkpoint; make one "
+                              "with calibrate.py, qat_train.py or sensitivity_analysis.py")
+    placed = checkpoint_target(ckpt)
+    if placed != target:
+        raise CheckpointError(f"{path} was quantized for export.target={placed}, not {target}; "
+                              f"set export.target={placed}, or calibrate or train again with "
+                              f"--set export.target={target}")
+    return ckpt
 
 
-def load_quantized(session: Session, path: str | Path) -> nn.Module:
-    """The hooks' model with the quantizers, weights and ranges of a quantized checkpoint.
-
-    A checkpoint placed for another deployment target than ``export.target`` is a
-    ``CheckpointError``: its quantizers sit where that target wants them."""
+def restore_checkpoint(session: Session, ckpt: dict[str, Any]) -> nn.Module:
+    """The hooks' model with the quantizers, weights and ranges of a checked quantized
+    checkpoint (``check_quantized``), on the session's device."""
     from . import quant
 
-    ckpt = read_checkpoint(path)
-    if ckpt.get("kind") != "quantized" or "modelopt_state" not in ckpt:
-        raise CheckpointError(f"{path} is not a quantized checkpoint (no modelopt state); "
-                              "make one with calibrate.py or qat_train.py")
-    target = checkpoint_target(ckpt)
-    if target != session.cfg.export.target:
-        raise CheckpointError(f"{path} was quantized for export.target={target}, not "
-                              f"{session.cfg.export.target}; set export.target={target}, or "
-                              f"calibrate or train again with "
-                              f"--set export.target={session.cfg.export.target}")
     cfg = session.cfg
     if session.hooks.model_loads_itself:   # get_model(model_path) builds from the float weights
         cfg = dataclasses.replace(cfg, model_path=ckpt.get("config", {}).get("model_path"))
@@ -204,23 +191,39 @@ def load_quantized(session: Session, path: str | Path) -> nn.Module:
     return model.to(session.device)
 
 
-def quantized_model(session: Session, float_model: nn.Module | None = None
-                    ) -> tuple[nn.Module, str]:
+def load_quantized(session: Session, path: str | Path) -> nn.Module:
+    """The hooks' model with the quantizers, weights and ranges of a quantized checkpoint.
+
+    A checkpoint placed for another deployment target than ``export.target`` is a
+    ``CheckpointError``: its quantizers sit where that target wants them."""
+    ckpt = check_quantized(read_checkpoint(path), path, session.cfg.export.target)
+    return restore_checkpoint(session, ckpt)
+
+
+def quantized_model(session: Session) -> tuple[nn.Module, str]:
     """The quantized model a script works on, and where it came from.
 
     ``model_path`` a quantized checkpoint: loaded with its ranges. Otherwise the float model
     (``model_path`` float weights, or the hooks' own model) is quantized here and calibrated
-    with ``calib.method`` on ``calib.num_batches`` of the calib split.
+    with ``calib.method`` on ``calib.num_batches`` of the calib split. A hooks file that loads
+    ``model_path`` itself may use a format of its own: a file this toolkit cannot read is then
+    the hooks' float weights.
     """
     from . import quant
 
     cfg = session.cfg
-    if is_quantized_checkpoint(session, cfg.model_path):
-        return load_quantized(session, cfg.model_path), f"quantized checkpoint {cfg.model_path}"
-    if float_model is None:
-        float_model = build_model(session)
+    ckpt = None
+    if cfg.model_path is not None:
+        try:
+            ckpt = read_checkpoint(cfg.model_path)
+        except CheckpointError:
+            if not session.hooks.model_loads_itself:
+                raise
+    if ckpt is not None and ckpt.get("kind") == "quantized":
+        ckpt = check_quantized(ckpt, cfg.model_path, cfg.export.target)
+        return restore_checkpoint(session, ckpt), f"quantized checkpoint {cfg.model_path}"
     model, stats, _ = quantized_copy_with_stats(
-        session, float_model, session.hooks.get_data_loader(cfg, "calib"))
+        session, build_model(session), session.hooks.get_data_loader(cfg, "calib"))
     quant.apply_ranges(model, stats, cfg.calib.method, cfg.calib.percentile)
     origin = (f"float weights {cfg.model_path}" if cfg.model_path is not None
               else f"the model returned by {cfg.hooks}")

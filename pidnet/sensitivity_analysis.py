@@ -40,14 +40,6 @@ logger = logging.getLogger(__name__)
 ROWS_GLOB = "sensitivity.rows.rank*.jsonl"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser("Per-layer quantization sensitivity and the smallest set of layers "
-                         "to keep in float.")
-    parser.add_argument("--force", action="store_true",
-                        help="start over in an output_dir that holds results or a partial sweep")
-    return parser
-
-
 def _fingerprint(cfg: Config) -> str:
     """What the per-layer rows depend on: a rerun with another value starts a new sweep."""
     data = config_to_dict(cfg)
@@ -108,7 +100,7 @@ def _analyse(args: argparse.Namespace) -> None:
         my_rows.unlink(missing_ok=True)
         if rank() == 0:
             for path in out.glob(ROWS_GLOB):
-                if int(path.stem.rsplit("rank", 1)[1].split(".")[0]) >= env_world_size():
+                if int(path.stem.rsplit("rank", 1)[1]) >= env_world_size():
                     path.unlink()
         done: dict[str, dict[str, Any]] = {}
     else:
@@ -210,4 +202,7 @@ def _write_outputs(session: Session, model: nn.Module, rows: Sequence[dict[str, 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(_analyse, build_parser(), argv)
+    parser = base_parser("Per-layer quantization sensitivity and the smallest set of layers to "
+                         "keep in float.", force_help="start over in an output_dir that holds "
+                         "results or a partial sweep")
+    return run_cli(_analyse, parser, argv)

@@ -43,13 +43,12 @@ MODES = ("float", "calib", "stats", "direct")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser("Train a model: the float baseline or one of three QAT approaches.")
+    parser = base_parser("Train a model: the float baseline or one of three QAT approaches.",
+                         force_help="start over in an output_dir that already holds a run")
     parser.add_argument("--mode", choices=MODES, required=True)
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in output_dir from its last checkpoint (or "
                         "start it, if it was stopped before writing one)")
-    parser.add_argument("--force", action="store_true",
-                        help="start over in an output_dir that already holds a run")
     return parser
 
 

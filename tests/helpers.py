@@ -33,6 +33,15 @@ def tiny_config(tmp_path: Path, **overrides) -> Path:
     return path
 
 
+def run_torchrun(script: str, *args: str, ranks: int = 2,
+                 timeout: float = 300) -> subprocess.CompletedProcess:
+    """``script`` under ``torchrun --standalone`` with ``ranks`` CPU processes (one thread each)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={ranks}", str(ROOT / script), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
 def run_script(script: str, *args: str, timeout: float = 300,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {**(env or os.environ), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}

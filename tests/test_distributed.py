@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from .helpers import ROOT, TINY_HOOKS, TINY_NET_USER, run_script, tiny_config
+from .helpers import TINY_HOOKS, TINY_NET_USER, run_script, run_torchrun, tiny_config
 
 
 def test_two_processes_match_one(tmp_path, tiny_float_weights):
@@ -23,11 +20,7 @@ def test_two_processes_match_one(tmp_path, tiny_float_weights):
                                  model_path=str(tiny_float_weights), calib={"num_batches": 2})
     assert run_script("qat_train.py", "--mode", "calib", "--config",
                       str(runs["one"])).returncode == 0
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node=2", str(ROOT / "qat_train.py"), "--mode", "calib",
-                          "--config", str(runs["two"])], capture_output=True, text=True,
-                         timeout=300, env=env, cwd=ROOT)
+    two = run_torchrun("qat_train.py", "--mode", "calib", "--config", str(runs["two"]))
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout.count("results.json") == 1           # only rank 0 writes and prints
     one_res = json.loads((tmp_path / "one" / "run" / "results.json").read_text())

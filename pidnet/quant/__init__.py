@@ -45,9 +45,8 @@ from .stats import ActivationStats, apply_ranges, collect_stats, merge_stats  # 
 
 __all__ = [
     "ActivationStats", "LearnedRangeQuantizer", "QuantAdd", "QuantBlend", "QuantReLU",
-    "RangeTracker",
-    "activation_quantizers", "apply_ranges", "disable_all", "export_onnx",
-    "fold_batch_norms", "collect_stats", "execution_order", "has_range",
+    "RangeTracker", "activation_quantizers", "apply_ranges", "collect_stats", "disable_all",
+    "execution_order", "export_onnx", "fold_batch_norms", "has_range",
     "insert_quantizers", "layer_quantizers", "layers_enabled", "make_ranges_learnable",
     "make_ranges_static", "match_layers", "merge_stats", "quant_state", "quantizers",
     "restore_quantized", "set_weight_ranges",

@@ -34,6 +34,15 @@ class Dataflow:
         """Producers of argument ``position`` over every call of ``name``."""
         return {call[position] for call in self.producers.get(name, []) if position < len(call)}
 
+    def sole_reader(self, name: str, modules: dict[str, nn.Module], kind: type | tuple[type, ...],
+                    sole_input: bool = False) -> str | None:
+        """The one module, of ``kind``, reading ``name``'s output; with ``sole_input`` it must
+        also read nothing else (a batch norm to fold into ``name``; a ReLU may be shared)."""
+        reader = self.only_consumer(name)
+        if reader is None or not isinstance(modules[reader], kind):
+            return None
+        return reader if not sole_input or self.inputs_from(reader, 0) == {name} else None
+
 
 def _tensors(args: Iterable[Any]) -> list[torch.Tensor | None]:
     out: list[torch.Tensor | None] = []

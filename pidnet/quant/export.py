@@ -29,13 +29,12 @@ def fold_batch_norms(model: nn.Module, example: Any) -> list[tuple[str, str]]:
     flow = trace_dataflow(model, example, skip=TensorQuantizer)
     modules = dict(model.named_modules())
     pairs = []
-    for name, bn in modules.items():
-        if not isinstance(bn, nn.BatchNorm2d):
+    for conv_name, conv in list(modules.items()):
+        name = flow.sole_reader(conv_name, modules, nn.BatchNorm2d, sole_input=True) \
+            if isinstance(conv, nn.Conv2d) else None
+        if name is None:
             continue
-        (conv_name,) = flow.inputs_from(name, 0) or {None}
-        conv = modules.get(conv_name) if conv_name else None
-        if not isinstance(conv, nn.Conv2d) or flow.only_consumer(conv_name) != name:
-            continue
+        bn = modules[name]
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)

@@ -156,15 +156,6 @@ def _place_at_producers(model: nn.Module, flow: Dataflow, qcfg: QuantConfig,
     and output. A module whose input its producer already quantizes gets no input quantizer,
     so each tensor carries one Q/DQ pair."""
     modules = dict(model.named_modules())
-
-    def reader(name: str, kind: type, sole_input: bool) -> str | None:
-        """The one module of ``kind`` reading ``name``'s output (and nothing else, when
-        ``sole_input``: a batch norm to fold; a ReLU may be shared)."""
-        nxt = flow.only_consumer(name)
-        if nxt is None or not isinstance(modules[nxt], kind):
-            return None
-        return nxt if not sole_input or flow.inputs_from(nxt, 0) == {name} else None
-
     quantized: set[str] = set()
     for name, module in modules.items():
         if name in excluded or name not in flow.producers or \
@@ -172,8 +163,8 @@ def _place_at_producers(model: nn.Module, flow: Dataflow, qcfg: QuantConfig,
             continue
         end = name
         if not isinstance(module, Add):
-            end = reader(end, nn.modules.batchnorm._BatchNorm, True) or end
-        end = reader(end, nn.ReLU, False) or end
+            end = flow.sole_reader(end, modules, nn.modules.batchnorm._BatchNorm, True) or end
+        end = flow.sole_reader(end, modules, nn.ReLU) or end
         if end in excluded or not hasattr(modules[end], "output_quantizer"):
             continue
         q = modules[end].output_quantizer
@@ -185,9 +176,9 @@ def _place_at_producers(model: nn.Module, flow: Dataflow, qcfg: QuantConfig,
     for name, module in modules.items():
         for attr, position in _INPUT_QUANTIZERS.items():
             q = getattr(module, attr, None)
-            if isinstance(q, TensorQuantizer) and q.is_enabled and \
-                    flow.inputs_from(name, position) <= quantized and \
-                    flow.inputs_from(name, position):
+            sources = flow.inputs_from(name, position)
+            if isinstance(q, TensorQuantizer) and q.is_enabled and sources and \
+                    sources <= quantized:
                 q.disable()
 
 
