@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from pidnet.config import Bounds, Config
 from pidnet.data import CamVid, Cityscapes, SegmentationTransform, SyntheticScenes, detect_dataset
 from pidnet.engine import main_prediction, seed_worker
-from pidnet.errors import ConfigError
+from pidnet.errors import ConfigError, DataError
 from pidnet.losses import PIDNetLoss
 from pidnet.metrics import ConfusionMatrix
 from pidnet.model import create_model
@@ -29,6 +29,7 @@ USER_DEFAULTS: dict[str, Any] = {
     "scale_range": [0.75, 1.5],   # random rescale of the shorter side before cropping
     "train_images": 400,          # synthetic scenes per split
     "val_images": 200,
+    "test_images": 200,           # held out: never trained on nor used to choose anything
     "calib_images": 64,
     "data_seed": 0,               # which synthetic scenes; independent of the training seed
     "boundary_width": 1,
@@ -47,7 +48,8 @@ MODELS = ("pidnet_s", "pidnet_m", "pidnet_l")
 USER_BOUNDS: dict[str, Bounds] = {
     "batch_size": Bounds(1), "eval_batch_size": Bounds(1), "workers": Bounds(0),
     "image_size": Bounds(8), "crop_size": Bounds(8), "scale_range": Bounds(above=0),
-    "train_images": Bounds(1), "val_images": Bounds(1), "calib_images": Bounds(1),
+    "train_images": Bounds(1), "val_images": Bounds(1), "test_images": Bounds(1),
+    "calib_images": Bounds(1),
     "data_seed": Bounds(0), "boundary_width": Bounds(1), "ohem_min_kept": Bounds(1),
     "ohem_thresh": Bounds(above=0, high=1), "class_weights": Bounds(0),
 }
@@ -112,13 +114,17 @@ def get_data_loader(cfg: Config, split: str) -> DataLoader:
         crop_size=tuple(user["crop_size"]), train=train, scale_range=tuple(user["scale_range"]),
         boundary_width=user["boundary_width"], base_size=min(user["image_size"]))
     if cfg.data_path is None:
-        # calib reuses training scenes without augmentation; val scenes are never trained on
-        seed = user["data_seed"] + (1000 if split == "val" else 0)
+        # calib reuses training scenes without augmentation; val and test scenes are never
+        # trained on, and test is never used to choose anything (bench.qat_modes reports on it)
+        seed = user["data_seed"] + {"val": 1000, "test": 2000}.get(split, 0)
         length = user[f"{split}_images"]
         dataset = SyntheticScenes(length, tuple(user["image_size"]), seed, transform)
     else:
-        source = _DATASETS[detect_dataset(cfg.data_path)]
-        dataset = source(cfg.data_path, "val" if split == "val" else "train", transform)
+        name = detect_dataset(cfg.data_path)
+        if split == "test" and name == "cityscapes":
+            raise DataError("Cityscapes has no public test labels: no held-out split to report on")
+        dataset = _DATASETS[name](cfg.data_path, split if split in ("val", "test") else "train",
+                                  transform)
         if split == "calib":
             dataset = torch.utils.data.Subset(dataset, range(min(len(dataset),
                                                                  user["calib_images"])))

@@ -1,48 +1,323 @@
-"""Float vs PTQ (each calibration method) vs QAT (each mode) on the embedded default, and the
-cost of one QAT training step relative to a float step.
+"""What each QAT mode is worth at W8A8, W4A8 and W4A4, against PTQ and a float fine-tune.
 
     python -m bench.qat_modes [--float-weights runs/float/best.pt] [--out-dir runs/bench_qat]
+                              [--settings w8a8 w4a8 w4a4] [--seeds 0 1 2]
+                              [--epochs 3] [--train-images 160]
 
-Without --float-weights, the float baseline is trained first (qat_train.py --mode float).
-Every stage runs through the project's own scripts with config.yaml; the figures are printed
-as a table and saved in bench/results/qat_modes.json. Goals (issue 5): every mode's INT8 mIoU
-at least float - 0.3, QAT above the best PTQ, QAT step / float step at most 1.3.
+For each bit setting: PTQ with every calibration method (deterministic: one calib split), then
+for each seed the three QAT modes and a *float fine-tune control* (``--mode float`` with QAT's
+epochs, learning rate, schedule and frozen batch norm, no quantizers), all through
+qat_train.py with config.yaml. ``calib`` mode calibrates with the PTQ method that did best on
+val at that bit width. Nothing reported is chosen on the data it is reported on: methods are
+chosen on val, and every figure is the *final* model on the held-out test split (the hooks'
+``test`` split; a hooks file without one reports val, and the JSON says so).
+
+Each run keeps its result as it finishes (``<out-dir>/<setting>/<run>/``): a rerun after a stop
+only does what is missing, and resumes an unfinished training from its ``last.pt``. Output: a
+table (mean and standard deviation over seeds), bench/results/qat_modes.json, and
+bench/results/qat_modes.png (each mode's per-epoch val metric against float and best PTQ).
+The cost of one QAT step relative to a float step is measured too (goal <= 1.3).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
+import logging
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from pidnet import quant
-from pidnet.calibrate import main as calibrate_main
-from pidnet.checkpoint import load_weights
-from pidnet.config import load_config
-from pidnet.engine import to_device
+from pidnet.checkpoint import load_weights, read_checkpoint
+from pidnet.cli import setup_logging
+from pidnet.config import Config, load_config
+from pidnet.engine import pick_metric, to_device
+from pidnet.errors import InputError
 from pidnet.hooks import load_hooks
-from pidnet.pipeline import example_input
+from pidnet.pipeline import (Session, build_criterion, evaluate_model, example_input,
+                             load_quantized, quantized_copy_with_stats)
+from pidnet.plots import plot_qat_settings
 from pidnet.reports import format_table
-from pidnet.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
+MODES = ("calib", "stats", "direct")
+RUNS = (*MODES, "control")
+logger = logging.getLogger("bench.qat_modes")
 
 
-def step_time_ratio(config: Path, weights: Path, steps: int) -> dict[str, float]:
+def _load_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+class Bench:
+    """One float model, one config; evaluates models on val and on the held-out split."""
+
+    def __init__(self, config: Path, weights: Path, out: Path, overrides: list[str]) -> None:
+        self.config, self.weights, self.out, self.overrides = config, weights, out, overrides
+        cfg = load_config(config, overrides)
+        self.hooks = load_hooks(cfg.hooks)
+        self.session = Session(cfg, out, self.hooks, torch.device("cpu"))
+        self.criterion = build_criterion(self.session)
+        self.val = self.hooks.get_data_loader(cfg, "val")
+        try:
+            self.test = self.hooks.get_data_loader(cfg, "test")
+            self.report_split = "test"
+        except (InputError, KeyError, ValueError) as exc:
+            logger.warning("no held-out split (%s): reporting final-epoch val figures", exc)
+            self.test, self.report_split = self.val, "val"
+        self.metric, self.higher = pick_metric(self.evaluate(self.float_model(), "val"),
+                                               cfg.metric)
+
+    def cfg(self, setting: str) -> Config:
+        weight_bits, act_bits = SETTINGS[setting]
+        quant_cfg = dataclasses.replace(self.session.cfg.quant, weight_bits=weight_bits,
+                                        act_bits=act_bits)
+        return dataclasses.replace(self.session.cfg, quant=quant_cfg)
+
+    def session_for(self, setting: str) -> Session:
+        return dataclasses.replace(self.session, cfg=self.cfg(setting))
+
+    def float_model(self) -> torch.nn.Module:
+        model = self.hooks.get_model(self.session.cfg)
+        load_weights(model, self.weights)
+        return model
+
+    def evaluate(self, model: torch.nn.Module, split: str) -> dict[str, float]:
+        loader = self.val if split == "val" else self.test
+        return evaluate_model(self.session, model, loader, self.criterion)
+
+    def both(self, model: torch.nn.Module) -> dict[str, float]:
+        return {"val": self.evaluate(model, "val")[self.metric],
+                "test": self.evaluate(model, "test")[self.metric]}
+
+    def float_figures(self) -> dict[str, float]:
+        path = self.out / "float.json"
+        if (done := _load_json(path)) is None:
+            done = self.both(self.float_model())
+            _write_json(path, done)
+        return done
+
+    def ptq(self, setting: str) -> dict[str, Any]:
+        """Every calibration method at ``setting`` on val and test; the best on val."""
+        path = self.out / setting / "ptq.json"
+        if (done := _load_json(path)) is not None:
+            return done
+        session = self.session_for(setting)
+        cfg = session.cfg
+        model, stats, _ = quantized_copy_with_stats(
+            session, self.float_model(), self.hooks.get_data_loader(cfg, "calib"))
+        methods = {}
+        for method in cfg.calib.methods:
+            quant.apply_ranges(model, stats, method, cfg.calib.percentile)
+            methods[method] = self.both(model)
+            logger.info("%s ptq %s: val %.2f test %.2f", setting, method,
+                        methods[method]["val"], methods[method]["test"])
+        pick = max if self.higher else min
+        best = pick(methods, key=lambda m: methods[m]["val"])
+        done = {"methods": methods, "best_on_val": best}
+        _write_json(path, done)
+        return done
+
+    def train(self, setting: str, run: str, seed: int, epochs: int, train_images: int,
+              calib_method: str) -> dict[str, Any]:
+        """One training through qat_train.py, then its final model on the report split."""
+        out = self.out / setting / f"{run}_seed{seed}"
+        if (done := _load_json(out / "bench.json")) is not None:
+            return done
+        cfg = self.session.cfg
+        weight_bits, act_bits = SETTINGS[setting]
+        frozen_bn = min(epochs, cfg.qat.freeze_bn_epochs)
+        sets = [*self.overrides, f"model_path={self.weights}", f"output_dir={out}",
+                f"seed={seed}", f"user.train_images={train_images}",
+                f"quant.weight_bits={weight_bits}", f"quant.act_bits={act_bits}",
+                f"qat.epochs={epochs}", f"qat.freeze_bn_epochs={frozen_bn}",
+                f"qat.freeze_ranges_epochs={min(epochs, cfg.qat.freeze_ranges_epochs)}",
+                f"calib.method={calib_method}"]
+        if run == "control":   # the same schedule as QAT, no quantizers
+            sets += [f"train.epochs={epochs}", f"train.lr={cfg.qat.lr}",
+                     f"train.schedule={cfg.qat.schedule}",
+                     f"train.freeze_bn_epochs={frozen_bn}"]
+        mode = "float" if run == "control" else run
+        command = [sys.executable, str(ROOT / "qat_train.py"), "--mode", mode,
+                   "--config", str(self.config), "--resume"]
+        for item in sets:
+            command += ["--set", item]
+        out.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with open(out.parent / f"{out.name}.log", "a") as log:
+            code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+        if code != 0:
+            raise RuntimeError(f"{' '.join(command)} exited {code}; "
+                               f"see {out.parent / out.name}.log")
+        results = json.loads((out / "results.json").read_text())
+        final = self.final_model(out / "last.pt", setting, quantized=run != "control")
+        done = {"run": run, "seed": seed, "seconds": round(time.perf_counter() - start, 1),
+                "report": self.evaluate(final, "test")[self.metric],
+                "final_val": results["final"][self.metric],
+                "start_val": results.get("baselines", {}).get("start", {}).get(self.metric),
+                "curve": [e[self.metric] for e in results["epochs"]], "command": command}
+        _write_json(out / "bench.json", done)
+        logger.info("%s %s seed %d: %s %.2f (%.0f s)", setting, run, seed, self.report_split,
+                    done["report"], done["seconds"])
+        return done
+
+    def final_model(self, path: Path, setting: str, quantized: bool) -> torch.nn.Module:
+        if quantized:
+            return load_quantized(self.session_for(setting), path)
+        model = self.hooks.get_model(self.session.cfg)
+        load_weights(model, read_checkpoint(path))
+        return model
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(float_fig: dict, ptq: dict[str, dict], runs: dict[str, dict[str, list[dict]]],
+              higher: bool) -> tuple[list[dict], dict[str, Any]]:
+    """Table rows (mean, std over seeds, on the report split) and the issue's goals."""
+    sign = 1 if higher else -1
+    float_value = float_fig["test"]
+    rows: list[dict[str, Any]] = [{"setting": "-", "run": "float", "mean": float_value,
+                                   "std": 0.0, "n": 1}]
+    goals: dict[str, Any] = {}
+    for setting, by_run in runs.items():
+        methods = ptq[setting]["methods"]
+        best = ptq[setting]["best_on_val"]
+        for method, fig in methods.items():
+            rows.append({"setting": setting, "run": f"ptq {method}" + (" *" if method == best
+                                                                      else ""),
+                         "mean": fig["test"], "std": 0.0, "n": 1})
+        means = {}
+        for run, results in by_run.items():
+            if not results:
+                continue
+            mean, std = _mean_std([r["report"] for r in results])
+            means[run] = (mean, std)
+            rows.append({"setting": setting, "run": "control" if run == "control"
+                         else f"qat {run}", "mean": mean, "std": std, "n": len(results),
+                         "start": statistics.fmean(r["start_val"] for r in results
+                                                   if r["start_val"] is not None)
+                         if run != "control" else None})
+        modes = {m: means[m] for m in MODES if m in means}
+        if not modes:
+            continue
+        best_ptq = methods[best]["test"]
+        if setting == "w8a8":
+            floor = float_value - 0.3 * sign
+            control = means.get("control", (None, 0))[0]
+            goals[setting] = {
+                "float_minus_0.3": floor,
+                "control_minus_0.3": None if control is None else control - 0.3 * sign,
+                "per_mode_margin_vs_float": {m: sign * (v[0] - floor) for m, v in modes.items()},
+                "per_mode_margin_vs_control": {} if control is None else
+                {m: sign * (v[0] - (control - 0.3 * sign)) for m, v in modes.items()}}
+            goals[setting]["met"] = all(
+                x >= 0 for d in ("per_mode_margin_vs_float", "per_mode_margin_vs_control")
+                for x in goals[setting][d].values())
+        else:
+            floor = float_value - 0.2 * (float_value - best_ptq)
+            top = (max if higher else min)(v[0] for v in modes.values())
+            goals[setting] = {
+                "best_ptq": best_ptq, "recovery_floor": floor,
+                "per_mode_margin_vs_floor": {m: sign * (v[0] - floor) for m, v in modes.items()},
+                "best_mode_gap_to_float": sign * (float_value - top)}
+            goals[setting]["met"] = (all(x >= 0 for x in
+                                         goals[setting]["per_mode_margin_vs_floor"].values())
+                                     and goals[setting]["best_mode_gap_to_float"] <= 2.0)
+    return rows, goals
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "config.yaml"))
+    parser.add_argument("--float-weights", default=None,
+                        help="trained float weights (default: train them first)")
+    parser.add_argument("--out-dir", default="runs/bench_qat")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
+    parser.add_argument("--epochs", type=int, default=3, help="QAT (and control) epochs")
+    parser.add_argument("--train-images", type=int, default=160,
+                        help="training scenes per epoch (the benchmark's smaller train split)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for every run (e.g. qat.lr=0.001)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
+    parser.add_argument("--json", default=str(ROOT / "bench/results/qat_modes.json"))
+    args = parser.parse_args(argv)
+    setup_logging(0)
+    torch.set_num_threads(2)
+    out = Path(args.out_dir)
+    started = time.perf_counter()
+
+    weights = args.float_weights
+    if weights is None:
+        weights = out / "float" / "best.pt"
+        if not (out / "float" / "results.json").exists():
+            subprocess.check_call([sys.executable, str(ROOT / "qat_train.py"), "--mode", "float",
+                                   "--config", args.config, "--resume",
+                                   "--set", f"output_dir={out / 'float'}"])
+    bench = Bench(Path(args.config), Path(weights), out, args.set)
+    float_fig = bench.float_figures()
+    ptq, runs = {}, {}
+    for setting in args.settings:
+        ptq[setting] = bench.ptq(setting)
+        runs[setting] = {run: [] for run in args.runs}
+        for seed in args.seeds:
+            for run in args.runs:
+                runs[setting][run].append(bench.train(
+                    setting, run, seed, args.epochs, args.train_images,
+                    ptq[setting]["best_on_val"]))
+    rows, goals = summarize(float_fig, ptq, runs, bench.higher)
+    speed = step_time_ratio(bench, Path(weights), args.steps)
+    table = format_table(rows, ["setting", "run", "mean", "std", "n", "start"])
+    print(f"{bench.metric} on the {bench.report_split} split, final epoch, mean and std over "
+          f"seeds {args.seeds}; {args.epochs} epochs on {args.train_images} training scenes; "
+          "* = PTQ method chosen on val (the calib mode's method)")
+    print(table)
+    cfg = bench.session.cfg
+    summary = {
+        "metric": bench.metric, "report_split": bench.report_split, "seeds": args.seeds,
+        "epochs": args.epochs, "train_images": args.train_images, "weights": str(weights),
+        "overrides": args.set, "qat": dataclasses.asdict(cfg.qat), "float": float_fig,
+        "goals": goals, "qat_step_over_float_step": speed["ratio"], "step_times": speed,
+        "minutes": round((time.perf_counter() - started) / 60, 1),
+        "torch_threads": torch.get_num_threads()}
+    print(json.dumps(goals, indent=2))
+    curves = {s: {"float": float_fig["val"],
+                  "ptq": ptq[s]["methods"][ptq[s]["best_on_val"]]["val"],
+                  "ptq_method": ptq[s]["best_on_val"],
+                  "modes": {r: [statistics.fmean(c) for c in zip(*(x["curve"] for x in res))]
+                            for r, res in runs[s].items() if res}} for s in runs}
+    plot = plot_qat_settings(curves, bench.metric, Path(args.json).with_suffix(".png"))
+    _write_json(Path(args.json), {"summary": summary, "rows": rows, "ptq": ptq,
+                                  "runs": runs, "curves": curves, "plot": str(plot)})
+    print(args.json)
+
+
+def step_time_ratio(bench: Bench, weights: Path, steps: int) -> dict[str, float]:
     """Median time of one training step (forward, backward, SGD) of the fake-quant model over
     the float model's, the two interleaved on the same batches."""
-    cfg = load_config(config)
-    hooks = load_hooks(cfg.hooks)
-    float_model = hooks.get_model(cfg)
-    load_weights(float_model, weights)
-    loader = hooks.get_data_loader(cfg, "train")
+    cfg = bench.session.cfg
+    float_model = bench.float_model()
+    loader = bench.hooks.get_data_loader(cfg, "train")
     qat_model = quant.insert_quantizers(copy.deepcopy(float_model), cfg.quant, cfg.export.target,
                                         example_input(loader, torch.device("cpu")))
-    criterion = hooks.get_criterion(cfg)
     stats = quant.collect_stats(qat_model, loader, torch.device("cpu"), 2)
     quant.apply_ranges(qat_model, stats, cfg.calib.method)
     models = {"float": float_model, "qat": qat_model}
@@ -54,7 +329,7 @@ def step_time_ratio(config: Path, weights: Path, steps: int) -> dict[str, float]
         for name in ("float", "qat") if i % 2 else ("qat", "float"):
             model = models[name].train()
             start = time.perf_counter()
-            loss = criterion(model(inputs), to_device(targets, torch.device("cpu")))
+            loss = bench.criterion(model(inputs), to_device(targets, torch.device("cpu")))
             optims[name].zero_grad()
             loss.backward()
             optims[name].step()
@@ -62,58 +337,6 @@ def step_time_ratio(config: Path, weights: Path, steps: int) -> dict[str, float]
                 times[name].append(time.perf_counter() - start)
     f, q = statistics.median(times["float"]), statistics.median(times["qat"])
     return {"float_step_s": f, "qat_step_s": q, "ratio": q / f, "steps": steps}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "config.yaml"))
-    parser.add_argument("--float-weights", default=None)
-    parser.add_argument("--out-dir", default="runs/bench_qat")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
-    parser.add_argument("--json", default=str(ROOT / "bench/results/qat_modes.json"))
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    out = Path(args.out_dir)
-    common = ["--config", args.config, "--force"]
-
-    weights = args.float_weights
-    if weights is None:
-        weights = str(out / "float" / "best.pt")
-        assert train_main(["--mode", "float", *common, "--set",
-                           f"output_dir={out / 'float'}"]) == 0
-    float_res = out / "float" / "results.json"
-    calibrate_main([*common, "--set", f"model_path={weights}",
-                    "--set", f"output_dir={out / 'ptq'}"])
-    ptq = json.loads((out / "ptq" / "results.json").read_text())
-    rows = [{"stage": "float", "miou": ptq["float"]["miou"]}]
-    rows += [{"stage": f"ptq {r['method']}", "miou": r["miou"],
-              "seconds": r["calib_seconds"]} for r in ptq["methods"]]
-    for mode in ("calib", "stats", "direct"):
-        start = time.perf_counter()
-        assert train_main(["--mode", mode, *common, "--set", f"model_path={weights}",
-                           "--set", f"output_dir={out / mode}"]) == 0
-        res = json.loads((out / mode / "results.json").read_text())
-        rows.append({"stage": f"qat {mode}", "miou": res["final"]["miou"],
-                     "best": res["best"], "start": res["baselines"]["start"]["miou"],
-                     "seconds": round(time.perf_counter() - start, 1)})
-    float_miou = rows[0]["miou"]
-    best_ptq = max(r["miou"] for r in rows if r["stage"].startswith("ptq"))
-    for r in rows:
-        r["drop"] = float_miou - r["miou"]
-    qat_rows = [r for r in rows if r["stage"].startswith("qat")]
-    speed = step_time_ratio(Path(args.config), Path(weights), args.steps)
-    summary = {
-        "float_miou": float_miou, "best_ptq_miou": best_ptq,
-        "every_mode_within_0.3": all(r["miou"] >= float_miou - 0.3 for r in qat_rows),
-        "every_mode_above_best_ptq": all(r["miou"] > best_ptq for r in qat_rows),
-        "qat_step_over_float_step": speed["ratio"], "step_times": speed,
-        "float_results": str(float_res) if float_res.exists() else None,
-        "weights": str(weights), "torch_threads": torch.get_num_threads()}
-    print(format_table(rows, ["stage", "miou", "drop", "start", "best", "seconds"]))
-    print(json.dumps(summary, indent=2))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"summary": summary, "rows": rows}, indent=2) + "\n")
-    print(args.json)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,8 @@ class TrainConfig:
     weight_decay: float = ranged(5e-4, 0)
     schedule: str = "poly"          # poly | cosine | constant
     poly_power: float = ranged(0.9, above=0)
+    freeze_bn_epochs: int = ranged(0, 0, "epochs")   # last epochs with batch norm frozen (a
+                                                     # fine-tune that matches QAT's)
     log_interval: int = ranged(20, 0)   # steps between log lines; 0: none
 
 
@@ -110,8 +112,14 @@ class QatConfig:
     freeze_bn_epochs: int = ranged(1, 0, "epochs")       # last epochs with batch norm frozen
     freeze_ranges_epochs: int = ranged(1, 0, "epochs")   # last epochs with ranges frozen
     range_momentum: float = ranged(0.9, 0, below=1)  # stats: moving average of the ranges
-    direct_init_amax: float = ranged(4.0, above=0)   # direct: data-free starting range
-    range_lr_scale: float = ranged(10.0, above=0)    # direct: learning rate of ranges / qat.lr
+    stats_range: str = "max"        # stats: the starting range from the observed histogram
+                                    # (max: the raw max; percentile | mse | entropy: tighter),
+                                    # tracked as the batch max scaled by start / observed max
+    direct_init: str = "lsq"        # direct: lsq (2 mean|x| / sqrt(Q_P) on the first training
+                                    # batch, Esser et al. 2020) | fixed (direct_init_amax)
+    direct_init_amax: float = ranged(4.0, above=0)   # direct, fixed: data-free starting range
+    learn_weight_ranges: bool = False   # every mode: weight step sizes learned too (LSQ)
+    range_lr_scale: float = ranged(10.0, above=0)    # learning rate of learned ranges / qat.lr
     log_interval: int = ranged(20, 0)
 
 
@@ -166,6 +174,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "qat.schedule": ("poly", "cosine", "constant"),
     "calib.method": ("max", "percentile", "mse", "entropy"),
     "calib.methods": ("max", "percentile", "mse", "entropy"),
+    "qat.stats_range": ("max", "percentile", "mse", "entropy"),
+    "qat.direct_init": ("lsq", "fixed"),
     "sensitivity.direction": ("disable_one", "enable_one"),
     "export.target": ("tensorrt", "onnxruntime"),
 }

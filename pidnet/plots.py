@@ -56,19 +56,36 @@ def plot_sensitivity(rows: Sequence[Mapping[str, Any]], order: Sequence[str],
     return _save(fig, path)
 
 
+def _draw_curves(ax: Any, curves: Mapping[str, Sequence[float]], float_value: float,
+                 ptq: Mapping[str, float], metric: str, title: str) -> None:
+    for mode, values in curves.items():
+        label = mode if mode == "control" else f"QAT {mode}"
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=label)
+    ax.axhline(float_value, color="black", linestyle="--", label=f"float {float_value:.2f}")
+    for i, (name, value) in enumerate(ptq.items()):
+        ax.axhline(value, color=f"C{i + 4}", linestyle=":", label=f"{name} {value:.2f}")
+    ax.set_xlabel("QAT epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+
+
 def plot_qat_curves(curves: Mapping[str, Sequence[float]], float_value: float,
                     ptq: Mapping[str, float], metric: str, path: str | Path) -> Path:
     """Each QAT mode's metric per epoch, with the float model and the PTQ methods as lines."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for mode, values in curves.items():
-        ax.plot(range(1, len(values) + 1), values, marker="o", label=f"QAT {mode}")
-    ax.axhline(float_value, color="black", linestyle="--", label=f"float {float_value:.2f}")
-    for i, (name, value) in enumerate(ptq.items()):
-        ax.axhline(value, color=f"C{i + 3}", linestyle=":", label=f"{name} {value:.2f}")
-    ax.set_xlabel("QAT epoch")
-    ax.set_ylabel(metric)
-    ax.set_title("QAT per epoch against float and PTQ", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
-    ax.grid(alpha=0.3)
+    _draw_curves(ax, curves, float_value, ptq, metric, "QAT per epoch against float and PTQ")
+    return _save(fig, path)
+
+
+def plot_qat_settings(settings: Mapping[str, Mapping[str, Any]], metric: str,
+                      path: str | Path) -> Path:
+    """One panel per bit setting: each run's mean per-epoch metric, float and the best PTQ."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4), squeeze=False)
+    for ax, (name, s) in zip(axes[0], settings.items()):
+        _draw_curves(ax, s["modes"], s["float"], {f"PTQ {s['ptq_method']}": s["ptq"]}, metric,
+                     name.upper())
     return _save(fig, path)

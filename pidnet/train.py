@@ -2,10 +2,12 @@
 
 ``--mode float``   trains the float model (the baseline the QAT modes start from).
 ``--mode calib``   collects statistics, calibrates (``calib.method``), freezes the ranges, trains.
-``--mode stats``   collects statistics; the raw observed ranges start the run and follow the
-                   data by moving average, frozen for the last ``qat.freeze_ranges_epochs``.
-``--mode direct``  no data pass before training: ranges start at ``qat.direct_init_amax`` and
-                   are learned by gradient (LSQ).
+``--mode stats``   collects statistics; the observed ranges (the raw max, or the histogram's
+                   ``qat.stats_range``) start the run and follow the data by moving average,
+                   frozen for the last ``qat.freeze_ranges_epochs``.
+``--mode direct``  no calibration pass: ranges are learned by gradient (LSQ), starting from
+                   LSQ's initialisation on the first training batch (``qat.direct_init: lsq``)
+                   or at ``qat.direct_init_amax`` with no data at all (``fixed``).
 
 All modes share one loop, evaluate every epoch, keep ``best.pt`` and ``last.pt`` and resume.
 QAT modes read ``qat.*`` in place of ``train.*`` (the hooks see them as ``train.lr`` etc.), and
@@ -65,7 +67,8 @@ class QatState:
 
     baselines: dict[str, Any] = field(default_factory=dict)
     tracker: Any = None                         # stats: quant.RangeTracker
-    range_params: list[nn.Parameter] = field(default_factory=list)   # direct
+    range_ratios: dict[str, float] = field(default_factory=dict)   # stats: start / observed max
+    range_params: list[nn.Parameter] = field(default_factory=list)   # learned step sizes
 
 
 def _prepare_qat(session: Session, model: nn.Module, mode: str, criterion: Callable,
@@ -77,35 +80,52 @@ def _prepare_qat(session: Session, model: nn.Module, mode: str, criterion: Calla
     cfg = session.cfg
     state = QatState()
     metric_of = lambda m: evaluate_model(session, m, val_loader, criterion)
+    lsq_batch = None
     if resume_ckpt is not None:
         model = quant.restore_quantized(model, resume_ckpt["modelopt_state"],
                                         resume_ckpt["model"]).to(session.device)
         state.baselines = resume_ckpt["baselines"]
+        state.range_ratios = resume_ckpt.get("range_ratios", {})
     else:
         state.baselines["float"] = metric_of(model)
         calib_loader = session.hooks.get_data_loader(cfg, "calib")
-        # the PTQ baseline is measured on a copy, so direct mode's model never sees data
+        # the PTQ baseline is measured on a copy, so direct mode's model never sees its data
         ptq, stats, _ = quantized_copy_with_stats(session, model, calib_loader)
         quant.apply_ranges(ptq, stats, cfg.calib.method, cfg.calib.percentile)
         state.baselines["ptq"] = {"method": cfg.calib.method, **metric_of(ptq)}
         if mode == "calib":
             model = ptq
-        elif mode == "stats":
-            model = quant.insert_quantizers(model, cfg.quant, cfg.export.target,
-                                            example_input(calib_loader, session.device))
-            quant.apply_ranges(model, stats, "max")
-        else:   # one forward pass reads the structure; no statistics are taken
-            model = quant.insert_quantizers(model, cfg.quant, cfg.export.target,
-                                            example_input(calib_loader, session.device))
+        else:   # one forward pass reads the structure
+            example = example_input(calib_loader, session.device)
+            model = quant.insert_quantizers(model, cfg.quant, cfg.export.target, example)
+        if mode == "stats":
+            quant.apply_ranges(model, stats, cfg.qat.stats_range, cfg.calib.percentile)
+            state.range_ratios = quant.range_ratios(
+                model, {n: s.abs_max for n, s in stats.items() if s is not None})
+        elif mode == "direct" and cfg.qat.direct_init == "lsq":
+            lsq_batch = example   # LSQ starts from the first batch, as its first step would
     model = model.to(session.device)
-    if mode == "direct":
-        state.range_params = quant.make_ranges_learnable(model, cfg.qat.direct_init_amax)
+    if mode == "direct" or cfg.qat.learn_weight_ranges:
+        state.range_params = quant.make_ranges_learnable(
+            model, "lsq" if lsq_batch is not None else "fixed", cfg.qat.direct_init_amax,
+            activations=mode == "direct", weights=cfg.qat.learn_weight_ranges)
+    if lsq_batch is not None:
+        quant.start_learned_ranges(model, lsq_batch)
+        _broadcast(state.range_params)
     if resume_ckpt is None:   # the untrained quantized model this mode starts from
         state.baselines["start"] = (state.baselines["ptq"] if mode == "calib"
                                     else metric_of(model))
     if mode == "stats":
-        state.tracker = quant.RangeTracker(model, cfg.qat.range_momentum)
+        state.tracker = quant.RangeTracker(model, cfg.qat.range_momentum, state.range_ratios)
     return model, state
+
+
+def _broadcast(params: list[nn.Parameter]) -> None:
+    """Rank 0's values for every rank (ranges started from each rank's own batch)."""
+    if world_size() > 1:
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p, 0)
 
 
 def _sync_range_grads(params: list[nn.Parameter]) -> Callable[[], None] | None:
@@ -198,6 +218,8 @@ def _run(session: Session, args: argparse.Namespace) -> None:
                                       else [session.device.index])
     after_backward = _sync_range_grads(state.range_params)
     metric_name = None
+    bn_epochs = cfg.qat.freeze_bn_epochs if qat else cfg.train.freeze_bn_epochs
+    frozen_bn = lambda e: bn_epochs > 0 and e >= epochs - bn_epochs
     for epoch in range(start_epoch, epochs):
         final_phase = lambda n, e=epoch: qat and n > 0 and e >= epochs - n
         if final_phase(cfg.qat.freeze_ranges_epochs):
@@ -207,7 +229,7 @@ def _run(session: Session, args: argparse.Namespace) -> None:
                 p.requires_grad_(False)
         stats = train_one_epoch(net, train_loader, criterion, optimizer, session.device, epoch,
                                 scheduler, run_cfg.train.log_interval,
-                                freeze_bn=final_phase(cfg.qat.freeze_bn_epochs),
+                                freeze_bn=frozen_bn(epoch),
                                 after_backward=after_backward)
         if state.tracker is not None:
             _sync_tracked_ranges(model)
@@ -249,8 +271,9 @@ def _save(out, model: nn.Module, mode: str, optimizer, scheduler, epoch: int, be
         "metric": metric, "history": history, "rng": rng_state(), "config": config_to_dict(cfg)}
     if mode != "float":
         from . import quant
+        quant.mirror_learned_ranges(model)
         ckpt.update(kind="quantized", modelopt_state=quant.quant_state(model),
-                    baselines=state.baselines)
+                    baselines=state.baselines, range_ratios=state.range_ratios)
     if improved:
         save_checkpoint(ckpt, out / "best.pt")
     save_checkpoint(ckpt, out / "last.pt")

@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 from pidnet import quant
-from pidnet.checkpoint import read_checkpoint
-from pidnet.config import QuantConfig
-from pidnet.train import main
+from pidnet.checkpoint import load_weights, read_checkpoint
+from pidnet.config import QuantConfig, load_config
+from pidnet.hooks import load_hooks
+from pidnet.pipeline import evaluate_model, load_quantized, start_session
+from pidnet.train import build_parser, main
 
 from .helpers import ROOT, TINY_HOOKS, TINY_NET_USER as USER, run_script, tiny_config
 
@@ -45,8 +47,8 @@ def test_each_mode_improves_on_its_quantized_start(tmp_path, float_weights, mode
 
 
 def test_direct_ranges_move_from_their_data_free_start(tmp_path, float_weights):
-    assert main(["--mode", "direct", "--config",
-                 str(_qat_config(tmp_path, float_weights, direct_init_amax=4.0))]) == 0
+    assert main(["--mode", "direct", "--config", str(_qat_config(
+        tmp_path, float_weights, direct_init="fixed", direct_init_amax=4.0))]) == 0
     last = read_checkpoint(tmp_path / "run" / "last.pt")["model"]
     amax = torch.stack([v.reshape(()) for k, v in last.items()
                         if k.endswith("_amax") and "weight_quantizer" not in k])
@@ -64,6 +66,80 @@ def test_learned_range_gets_lsq_gradient():
     quant.make_ranges_static(model)
     q = model[0].input_quantizer
     assert type(q) is not quant.LearnedRangeQuantizer and float(q.amax) == pytest.approx(0.5)
+
+
+FOUR_BITS = {"weight_bits": 4, "act_bits": 4}
+
+
+@pytest.mark.parametrize("mode,qat", [("calib", {}), ("stats", {"stats_range": "mse"}),
+                                      ("direct", {"learn_weight_ranges": True})])
+def test_each_mode_beats_ptq_at_4_bits(tmp_path, float_weights, mode, qat):
+    cfg = tiny_config(tmp_path, hooks=TINY_HOOKS, user=USER, model_path=str(float_weights),
+                      quant=FOUR_BITS, calib={"num_batches": 1, "method": "mse"},
+                      qat={"epochs": 3, "lr": 0.02, "log_interval": 0, **qat})
+    assert main(["--mode", mode, "--config", str(cfg)]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    base, final = results["baselines"], results["final"]["miou"]
+    assert base["float"]["miou"] - base["ptq"]["miou"] > 1.0   # 4 bits hurt this model
+    assert final > base["start"]["miou"] and final > base["ptq"]["miou"]
+
+
+def _lsq_expected_grad(x: torch.Tensor, step: torch.Tensor, top: float, bottom: float,
+                       count: int) -> torch.Tensor:
+    """d sum(q(x)) / d step by LSQ's formula, times its gradient scale 1/sqrt(count * top)."""
+    v = x / step
+    d = torch.where(v >= top, torch.full_like(v, top),
+                    torch.where(v <= bottom, torch.full_like(v, bottom), torch.round(v) - v))
+    return d / (count * top) ** 0.5
+
+
+def test_lsq_steps_start_and_get_gradients_as_in_the_paper():
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
+    model = quant.insert_quantizers(conv, QuantConfig(weight_bits=4, act_bits=4))
+    act, weight = quant.make_ranges_learnable(model, "lsq", weights=True)
+    x = torch.randn(2, 3, 5, 5)
+    quant.start_learned_ranges(model, x)
+    w = model[0].weight.detach()
+    # LSQ's start: 2 mean|x| / sqrt(Q_P), per tensor for inputs, per output channel for weights
+    assert float(act.detach()) == pytest.approx(2 * float(x.abs().mean()) / 7 ** 0.5, rel=1e-5)
+    assert torch.allclose(weight.flatten(), 2 * w.abs().mean((1, 2, 3)) / 7 ** 0.5)
+    # signed 4 bits: Q_P = 7, Q_N = -8; N_F = one sample's features, N_W = weights per channel
+    model[0].input_quantizer(x).sum().backward()
+    expected = _lsq_expected_grad(x, act.detach(), 7, -8, 3 * 5 * 5).sum()
+    assert float(act.grad) == pytest.approx(float(expected), rel=1e-5)
+    model[0].weight_quantizer(w).sum().backward()
+    expected_w = _lsq_expected_grad(w, weight.detach(), 7, -8, 3 * 3 * 3).sum((1, 2, 3))
+    assert torch.allclose(weight.grad.flatten(), expected_w, rtol=1e-4, atol=1e-6)
+    assert quant.lsq_grad_scale(x, 1, 7, per_sample=True) == pytest.approx(1 / (75 * 7) ** 0.5)
+
+
+def test_learned_weight_steps_round_trip(tmp_path, float_weights):
+    cfg = _qat_config(tmp_path, float_weights, learn_weight_ranges=True)
+    assert main(["--mode", "calib", "--config", str(cfg)]) == 0
+    ckpt = read_checkpoint(tmp_path / "run" / "last.pt")
+    weights = {k: v for k, v in ckpt["model"].items() if k.endswith("weight_quantizer._amax")}
+    float_model = load_hooks(TINY_HOOKS).get_model(load_config(cfg))
+    load_weights(float_model, float_weights)
+    per_channel_max = {f"{n}.weight_quantizer._amax": m.weight.detach().abs().amax(
+        dim=(1, 2, 3), keepdim=True) for n, m in float_model.named_modules()
+        if isinstance(m, nn.Conv2d)}
+    assert weights.keys() == per_channel_max.keys()
+    # learned: the steps moved away from the max |w| they started at
+    assert any(not torch.allclose(weights[k], per_channel_max[k]) for k in weights)
+    session = start_session(build_parser().parse_args(
+        ["--mode", "calib", "--config", str(cfg), "--set",
+         f"output_dir={tmp_path / 'reload'}"]), default_output=str(tmp_path / "reload"))
+    model = load_quantized(session, tmp_path / "run" / "last.pt")
+    for name, q in quant.quantizers(model).items():
+        key = f"{name}._amax"
+        if key in weights:
+            assert type(q) is not quant.LearnedRangeQuantizer
+            assert torch.equal(q.amax.reshape(weights[key].shape), weights[key]), key
+    metric = evaluate_model(session, model, session.hooks.get_data_loader(session.cfg, "val"),
+                            None)["miou"]
+    final = json.loads((tmp_path / "run" / "results.json").read_text())["final"]["miou"]
+    assert metric == pytest.approx(final, abs=1e-6)
 
 
 def test_tracked_ranges_follow_the_data_then_stop_when_frozen():

@@ -38,8 +38,12 @@ from .export import disable_all, export_onnx, fold_batch_norms  # noqa: E402
 from .qat import (  # noqa: E402
     LearnedRangeQuantizer,
     RangeTracker,
+    lsq_grad_scale,
     make_ranges_learnable,
     make_ranges_static,
+    mirror_learned_ranges,
+    range_ratios,
+    start_learned_ranges,
 )
 from .stats import ActivationStats, apply_ranges, collect_stats, merge_stats  # noqa: E402
 
@@ -47,7 +51,8 @@ __all__ = [
     "ActivationStats", "LearnedRangeQuantizer", "QuantAdd", "QuantBlend", "QuantReLU",
     "RangeTracker", "activation_quantizers", "apply_ranges", "collect_stats", "disable_all",
     "execution_order", "export_onnx", "fold_batch_norms", "has_range",
-    "insert_quantizers", "layer_quantizers", "layers_enabled", "make_ranges_learnable",
-    "make_ranges_static", "match_layers", "merge_stats", "quant_state", "quantizers",
+    "insert_quantizers", "layer_quantizers", "layers_enabled", "lsq_grad_scale",
+    "make_ranges_learnable", "make_ranges_static", "mirror_learned_ranges", "range_ratios",
+    "start_learned_ranges", "match_layers", "merge_stats", "quant_state", "quantizers",
     "restore_quantized", "set_weight_ranges",
 ]

@@ -1,32 +1,41 @@
-"""Activation ranges during QAT: tracked by moving average (``stats``) or learned (``direct``)."""
+"""Ranges during QAT: tracked by moving average (``stats``) or learned by gradient (LSQ)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from modelopt.torch.quantization.nn import TensorQuantizer
 from torch import nn
 
-from .modules import activation_quantizers, quantizers
+from .modules import WEIGHT, activation_quantizers, quantizers
+
+LSQ_INITS = ("lsq", "fixed")
 
 
 class RangeTracker:
     """``stats`` mode: during training, every activation quantizer's amax follows the data by
-    an exponential moving average of the batch's max |x|, until ``freeze()``."""
+    an exponential moving average of the batch's max |x| times the quantizer's ``ratio`` (the
+    starting range over the observed max: 1 for the raw max, below 1 when the start was a
+    percentile or mse range), until ``freeze()``."""
 
-    def __init__(self, model: nn.Module, momentum: float = 0.9) -> None:
+    def __init__(self, model: nn.Module, momentum: float = 0.9,
+                 ratios: Mapping[str, float] | None = None) -> None:
         self.momentum = momentum
         self.frozen = False
-        self._handles = [q.register_forward_pre_hook(self._update)
-                         for q in activation_quantizers(model).values()]
+        ratios = ratios or {}
+        self._handles = [q.register_forward_pre_hook(self._updater(ratios.get(name, 1.0)))
+                         for name, q in activation_quantizers(model).items()]
 
-    @torch.no_grad()
-    def _update(self, q: TensorQuantizer, args: tuple) -> None:
-        if self.frozen or not q.training or q.amax is None:
-            return
-        batch_max = args[0].detach().abs().max().to(q.amax)
-        if batch_max > 0:
-            q.amax = self.momentum * q.amax + (1 - self.momentum) * batch_max
+    def _updater(self, ratio: float):
+        @torch.no_grad()
+        def update(q: TensorQuantizer, args: tuple) -> None:
+            if self.frozen or not q.training or q.amax is None:
+                return
+            batch_max = args[0].detach().abs().max().to(q.amax) * ratio
+            if batch_max > 0:
+                q.amax = self.momentum * q.amax + (1 - self.momentum) * batch_max
+        return update
 
     def freeze(self) -> None:
         self.frozen = True
@@ -36,31 +45,51 @@ class RangeTracker:
             h.remove()
 
 
+def range_ratios(model: nn.Module, observed_max: Mapping[str, float]) -> dict[str, float]:
+    """Each activation quantizer's amax over the largest |x| observed for it."""
+    return {name: float(q.amax) / observed_max[name]
+            for name, q in activation_quantizers(model).items()
+            if q.amax is not None and observed_max.get(name)}
+
+
 def _bounds(q: TensorQuantizer) -> tuple[float, float]:
     top = 2.0 ** (q.num_bits - 1 + int(bool(q.unsigned))) - 1.0
     bottom = 0.0 if q.unsigned else (-top if q.narrow_range else -top - 1.0)
     return bottom, top
 
 
-class _RangeRef:
-    """Holds a quantizer's learnable amax outside its state dict (the state dict keeps the
-    static ``_amax`` buffer, so checkpoints load into plain quantizers)."""
+class _Step:
+    """A quantizer's learnable step size, held outside its state dict (the state dict keeps
+    the static ``_amax`` buffer, so checkpoints load into plain quantizers).
 
-    def __init__(self, param: nn.Parameter) -> None:
+    ``per_sample``: activations count the elements of one sample (LSQ's N_F, the features of a
+    layer); weights count the elements that share one step (N_W, per output channel).
+    ``pending``: the step is set by LSQ's initialisation from the first tensor it quantizes.
+    """
+
+    def __init__(self, param: nn.Parameter, per_sample: bool, pending: bool) -> None:
         self.param = param
+        self.per_sample = per_sample
+        self.pending = pending
+
+
+def lsq_grad_scale(x: torch.Tensor, steps: int, top: float, per_sample: bool) -> float:
+    """LSQ's gradient scale 1 / sqrt(N * Q_P) for one step size (Esser et al. 2020, sec. 2.2)."""
+    count = x[0].numel() if per_sample and x.dim() > 1 else x.numel() // steps
+    return 1.0 / math.sqrt(count * top)
 
 
 class LearnedRangeQuantizer(TensorQuantizer):
-    """A TensorQuantizer whose per-tensor range is learned by gradient (LSQ, Esser et al. 2020).
+    """A TensorQuantizer whose step size is learned by gradient (LSQ, Esser et al. 2020).
 
-    The learned parameter is the step size ``amax / top`` (LSQ's parameterisation, so it
-    learns at the rate of the weights); its gradient is scaled by ``1/sqrt(numel * top)``.
-    The input gets the clipped straight-through gradient, and the fake quantization is
-    modelopt's (scale ``top / amax``, same bounds). The static ``_amax`` buffer mirrors the
-    learned value, so export and checkpoints see a plain quantizer.
+    The parameter is the step ``amax / top`` (per tensor, or per output channel for weights);
+    its gradient is scaled by ``lsq_grad_scale`` so it learns at the rate of the weights. The
+    input gets the clipped straight-through gradient; the quantization grid is modelopt's
+    (scale ``top / amax``, same bounds). The static ``_amax`` buffer mirrors the step, so
+    export and checkpoints see a plain quantizer.
     """
 
-    _range: _RangeRef
+    _range: _Step
     # the learned parameter lives in the optimizer, not in modelopt's saved state
     _skip_properties_for_save_restore = TensorQuantizer._skip_properties_for_save_restore | {
         "_range"}
@@ -69,35 +98,77 @@ class LearnedRangeQuantizer(TensorQuantizer):
         if self._disabled or not self._if_quant:
             return super().forward(x)
         bottom, top = _bounds(self)
-        step = self._range.param.abs().clamp(min=1e-6)
+        step = self._range.param
+        if self._range.pending:   # LSQ's start: 2 mean|x| / sqrt(Q_P)
+            with torch.no_grad():
+                dims = tuple(range(1, x.dim())) if step.dim() else tuple(range(x.dim()))
+                mean = x.detach().abs().mean(dim=dims, keepdim=bool(step.dim()))
+                step.copy_((2 * mean / math.sqrt(top)).reshape(step.shape).clamp(min=1e-8))
+            self._range.pending = False
+        step = step.abs().clamp(min=1e-8)
         with torch.no_grad():
             self._amax.copy_((step.detach() * top).reshape(self._amax.shape))
-        grad_scale = 1.0 / math.sqrt(x.numel() * top)
-        step = (step - step * grad_scale).detach() + step * grad_scale
+        scale = lsq_grad_scale(x, step.numel(), top, self._range.per_sample)
+        step = (step - step * scale).detach() + step * scale
         v = torch.clamp(x / step, bottom, top)
         v = (torch.round(v) - v).detach() + v
         return v * step
 
 
-def make_ranges_learnable(model: nn.Module, init_amax: float) -> list[nn.Parameter]:
-    """``direct`` mode: every enabled activation quantizer learns its range. Ranges already
-    set (e.g. on resume) are kept; others start at ``init_amax`` (no data needed)."""
+def make_ranges_learnable(model: nn.Module, init: str = "fixed", init_amax: float = 4.0,
+                          activations: bool = True, weights: bool = False
+                          ) -> list[nn.Parameter]:
+    """Make the enabled activation quantizers (and, with ``weights``, the weight quantizers)
+    learn their step sizes; returns the new parameters.
+
+    ``init="fixed"``: ranges already set are kept (e.g. on resume, or calibrated ones) and an
+    activation without one starts at ``init_amax`` (no data). ``init="lsq"``: every learned
+    step starts from the first tensor it quantizes (LSQ's ``2 mean|x| / sqrt(Q_P)``).
+    """
+    if init not in LSQ_INITS:
+        raise ValueError(f"unknown range init {init!r}; valid: {', '.join(LSQ_INITS)}")
+    chosen = dict(sorted(activation_quantizers(model).items())) if activations else {}
+    if weights:
+        chosen.update(sorted((n, q) for n, q in quantizers(model).items()
+                             if n.endswith(WEIGHT) and q.is_enabled))
     params = []
-    for _name, q in sorted(activation_quantizers(model).items()):
+    for name, q in chosen.items():
         if q.amax is None:
             q.amax = torch.tensor(init_amax)
         top = _bounds(q)[1]
-        param = nn.Parameter(q.amax.detach().clone().reshape(()).float() / top)
+        amax = q.amax.detach().clone().float()
+        param = nn.Parameter(amax.reshape(()) / top if amax.numel() == 1 else amax / top)
         q.__class__ = LearnedRangeQuantizer
-        q._range = _RangeRef(param)
+        q._range = _Step(param, per_sample=not name.endswith(WEIGHT), pending=init == "lsq")
         params.append(param)
     return params
 
 
-def make_ranges_static(model: nn.Module) -> None:
-    """Turn learned ranges back into plain quantizers holding the learned amax."""
+def start_learned_ranges(model: nn.Module, inputs: torch.Tensor) -> None:
+    """Run LSQ's initialisation on one batch (eval mode, no gradient), so every pending step
+    starts from the data each quantizer sees with the ranges before it already set."""
+    was_training = model.training
+    with torch.no_grad():
+        model.eval()(inputs)
+    model.train(was_training)
+    pending = [n for n, q in quantizers(model).items()
+               if isinstance(q, LearnedRangeQuantizer) and q._range.pending]
+    if pending:
+        raise RuntimeError(f"LSQ init: {len(pending)} quantizers saw no data, e.g. {pending[0]}")
+
+
+def mirror_learned_ranges(model: nn.Module) -> None:
+    """Copy every learned step into its quantizer's ``amax`` (what checkpoints store)."""
     for q in quantizers(model).values():
         if isinstance(q, LearnedRangeQuantizer):
-            q.amax = q._range.param.detach().abs().clamp(min=1e-6) * _bounds(q)[1]
+            q.amax = (q._range.param.detach().abs().clamp(min=1e-8) * _bounds(q)[1]
+                      ).reshape(q.amax.shape)
+
+
+def make_ranges_static(model: nn.Module) -> None:
+    """Turn learned ranges back into plain quantizers holding the learned amax."""
+    mirror_learned_ranges(model)
+    for q in quantizers(model).values():
+        if isinstance(q, LearnedRangeQuantizer):
             del q._range
             q.__class__ = TensorQuantizer
