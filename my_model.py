@@ -41,6 +41,9 @@ _DATASETS = {"cityscapes": Cityscapes, "camvid": CamVid}
 # get_model builds an untrained PIDNet: calibration, QAT, sensitivity and export need model_path
 # (trained float weights, e.g. from qat_train.py --mode float, or an official checkpoint).
 RETURNS_TRAINED_MODEL = False
+# split="test": synthetic scenes of their own, or CamVid's test split (Cityscapes has no public
+# test labels); held out from training and every choice, read only by bench.qat_modes
+HAS_TEST_SPLIT = True
 
 
 MODELS = ("pidnet_s", "pidnet_m", "pidnet_l")

@@ -46,10 +46,16 @@ def collect() -> dict[str, Any]:
         s = qat["summary"]
         cmd = f"python -m bench.qat_modes --float-weights {s['weights']}"
         for row in qat["rows"]:
-            figures[f"miou_{row['stage'].replace(' ', '_')}"] = _figure(
-                round(row["miou"], 2), None, None, cmd, "qat_modes.json")
-        for goal in ("every_mode_within_0.3", "every_mode_above_best_ptq"):
-            figures[f"qat_{goal}"] = _figure(s[goal], "true", s[goal], cmd, "qat_modes.json")
+            name = f"{row['setting']}_{row['run']}".replace(" *", "").replace(" ", "_")
+            value = (round(row["mean"], 2) if row["n"] == 1
+                     else f"{row['mean']:.2f} ± {row['std']:.2f}")
+            figures[f"{s['report_split']}_miou_{name.lstrip('-_')}"] = _figure(
+                value, None, None, cmd, "qat_modes.json")
+        for setting, goal in s["goals"].items():
+            what = ("every mode >= float - 0.3 and >= control - 0.3" if setting == "w8a8" else
+                    "every mode >= float - 0.2 x (float - best PTQ); best within 2.0 of float")
+            figures[f"qat_goals_{setting}"] = _figure(goal["met"], what, goal["met"], cmd,
+                                                      "qat_modes.json")
         figures["qat_step_over_float_step"] = _figure(
             round(s["qat_step_over_float_step"], 2), "<= 1.3",
             s["qat_step_over_float_step"] <= 1.3, cmd, "qat_modes.json")

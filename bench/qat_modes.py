@@ -8,9 +8,10 @@ For each bit setting: PTQ with every calibration method (deterministic: one cali
 for each seed the three QAT modes and a *float fine-tune control* (``--mode float`` with QAT's
 epochs, learning rate, schedule and frozen batch norm, no quantizers), all through
 qat_train.py with config.yaml. ``calib`` mode calibrates with the PTQ method that did best on
-val at that bit width. Nothing reported is chosen on the data it is reported on: methods are
-chosen on val, and every figure is the *final* model on the held-out test split (the hooks'
-``test`` split; a hooks file without one reports val, and the JSON says so).
+val at that bit width, and ``stats`` starts from that method's ranges. Nothing reported is
+chosen on the data it is reported on: methods are chosen on val, and every figure is the
+*final* model on the held-out test split (the hooks' ``test`` split; a hooks file without one
+reports val, and the JSON says so).
 
 Each run keeps its result as it finishes (``<out-dir>/<setting>/<run>/``): a rerun after a stop
 only does what is missing, and resumes an unfinished training from its ``last.pt``. Output: a
@@ -134,7 +135,7 @@ class Bench:
         return done
 
     def train(self, setting: str, run: str, seed: int, epochs: int, train_images: int,
-              calib_method: str) -> dict[str, Any]:
+              ptq_method: str) -> dict[str, Any]:
         """One training through qat_train.py, then its final model on the report split."""
         out = self.out / setting / f"{run}_seed{seed}"
         if (done := _load_json(out / "bench.json")) is not None:
@@ -147,7 +148,7 @@ class Bench:
                 f"quant.weight_bits={weight_bits}", f"quant.act_bits={act_bits}",
                 f"qat.epochs={epochs}", f"qat.freeze_bn_epochs={frozen_bn}",
                 f"qat.freeze_ranges_epochs={min(epochs, cfg.qat.freeze_ranges_epochs)}",
-                f"calib.method={calib_method}"]
+                f"calib.method={ptq_method}", f"qat.stats_range={ptq_method}"]
         if run == "control":   # the same schedule as QAT, no quantizers
             sets += [f"train.epochs={epochs}", f"train.lr={cfg.qat.lr}",
                      f"train.schedule={cfg.qat.schedule}",
@@ -211,9 +212,8 @@ def summarize(float_fig: dict, ptq: dict[str, dict], runs: dict[str, dict[str, l
             means[run] = (mean, std)
             rows.append({"setting": setting, "run": "control" if run == "control"
                          else f"qat {run}", "mean": mean, "std": std, "n": len(results),
-                         "start": statistics.fmean(r["start_val"] for r in results
-                                                   if r["start_val"] is not None)
-                         if run != "control" else None})
+                         "start": "" if run == "control" else
+                         statistics.fmean(r["start_val"] for r in results)})
         modes = {m: means[m] for m in MODES if m in means}
         if not modes:
             continue

@@ -115,7 +115,7 @@ class QatConfig:
     stats_range: str = "max"        # stats: the starting range from the observed histogram
                                     # (max: the raw max; percentile | mse | entropy: tighter),
                                     # tracked as the batch max scaled by start / observed max
-    direct_init: str = "lsq"        # direct: lsq (2 mean|x| / sqrt(Q_P) on the first training
+    direct_init: str = "fixed"      # direct: lsq (2 mean|x| / sqrt(Q_P) on the first training
                                     # batch, Esser et al. 2020) | fixed (direct_init_amax)
     direct_init_amax: float = ranged(4.0, above=0)   # direct, fixed: data-free starting range
     learn_weight_ranges: bool = False   # every mode: weight step sizes learned too (LSQ)

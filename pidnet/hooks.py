@@ -4,6 +4,7 @@ Current signatures (DESIGN.md)::
 
     get_model(cfg) -> nn.Module
     get_data_loader(cfg, split) -> iterable of (inputs, targets)     split: train | val | calib
+                                                                     (| test, with HAS_TEST_SPLIT)
     get_optimizer(model, cfg) -> torch.optim.Optimizer
     get_criterion(cfg) -> callable(outputs, targets) -> scalar tensor
     evaluate(model, loader, cfg) -> dict[str, float]                 optional
@@ -12,6 +13,9 @@ Current signatures (DESIGN.md)::
 
 The original README's signatures (``get_model(model_path)``, ``get_data_loader(data_path)``,
 ``get_optimizer(model)``, ``get_criterion()``) keep working.
+
+A hooks file that sets ``HAS_TEST_SPLIT = True`` also serves ``split="test"``: labelled data
+held out from training and from every choice, read only to report (``bench.qat_modes``).
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "get_criterion": (("cfg",), ()),
     "evaluate": (("model", "loader", "cfg"), ("model", "loader", "cfg")),
 }
-SPLITS = ("train", "val", "calib")
+SPLITS = ("train", "val", "calib", "test")
 
 
 def _import(spec: str) -> ModuleType:
@@ -118,6 +122,9 @@ class Hooks:
     def get_data_loader(self, cfg: Config, split: str) -> Iterable:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if split == "test" and not self.has_test_split:
+            raise HooksError(f"{self.source} offers no held-out test split (set "
+                             "HAS_TEST_SPLIT = True in it when get_data_loader serves 'test')")
         if self._arity["get_data_loader"] == 1:
             return self.module.get_data_loader(cfg.data_path)
         return self.module.get_data_loader(cfg, split)
@@ -131,6 +138,11 @@ class Hooks:
         if self._arity["get_criterion"] == 0:
             return self.module.get_criterion()
         return self.module.get_criterion(cfg)
+
+    @property
+    def has_test_split(self) -> bool:
+        return (self._arity["get_data_loader"] == 2
+                and bool(getattr(self.module, "HAS_TEST_SPLIT", False)))
 
     @property
     def returns_trained_model(self) -> bool:

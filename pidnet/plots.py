@@ -65,6 +65,7 @@ def _draw_curves(ax: Any, curves: Mapping[str, Sequence[float]], float_value: fl
     for i, (name, value) in enumerate(ptq.items()):
         ax.axhline(value, color=f"C{i + 4}", linestyle=":", label=f"{name} {value:.2f}")
     ax.set_xlabel("QAT epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel(metric)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="lower right")

@@ -67,7 +67,7 @@ class QatState:
 
     baselines: dict[str, Any] = field(default_factory=dict)
     tracker: Any = None                         # stats: quant.RangeTracker
-    range_ratios: dict[str, float] = field(default_factory=dict)   # stats: start / observed max
+    range_ratios: dict[str, float] = field(default_factory=dict)   # stats: amax / batch max
     range_params: list[nn.Parameter] = field(default_factory=list)   # learned step sizes
 
 
@@ -100,8 +100,8 @@ def _prepare_qat(session: Session, model: nn.Module, mode: str, criterion: Calla
             model = quant.insert_quantizers(model, cfg.quant, cfg.export.target, example)
         if mode == "stats":
             quant.apply_ranges(model, stats, cfg.qat.stats_range, cfg.calib.percentile)
-            state.range_ratios = quant.range_ratios(
-                model, {n: s.abs_max for n, s in stats.items() if s is not None})
+            if cfg.qat.stats_range == "max":   # the raw max tracks the raw batch max
+                state.range_ratios = {n: 1.0 for n in quant.activation_quantizers(model)}
         elif mode == "direct" and cfg.qat.direct_init == "lsq":
             lsq_batch = example   # LSQ starts from the first batch, as its first step would
     model = model.to(session.device)

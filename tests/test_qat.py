@@ -72,7 +72,8 @@ FOUR_BITS = {"weight_bits": 4, "act_bits": 4}
 
 
 @pytest.mark.parametrize("mode,qat", [("calib", {}), ("stats", {"stats_range": "mse"}),
-                                      ("direct", {"learn_weight_ranges": True})])
+                                      ("direct", {"learn_weight_ranges": True,
+                                                  "direct_init": "lsq"})])
 def test_each_mode_beats_ptq_at_4_bits(tmp_path, float_weights, mode, qat):
     cfg = tiny_config(tmp_path, hooks=TINY_HOOKS, user=USER, model_path=str(float_weights),
                       quant=FOUR_BITS, calib={"num_batches": 1, "method": "mse"},
@@ -146,7 +147,7 @@ def test_tracked_ranges_follow_the_data_then_stop_when_frozen():
     model = quant.insert_quantizers(nn.Sequential(nn.Conv2d(3, 4, 1)), QuantConfig())
     q = model[0].input_quantizer
     q.amax = torch.tensor(1.0)
-    tracker = quant.RangeTracker(model, momentum=0.5)
+    tracker = quant.RangeTracker(model, momentum=0.5, ratios={"0.input_quantizer": 1.0})
     model.train()
     model(torch.full((1, 3, 2, 2), 3.0))
     assert float(q.amax) == pytest.approx(2.0)         # 0.5 * 1 + 0.5 * 3
@@ -157,6 +158,20 @@ def test_tracked_ranges_follow_the_data_then_stop_when_frozen():
     model.train()
     model(torch.full((1, 3, 2, 2), 9.0))
     assert float(q.amax) == pytest.approx(2.0)
+    tracker.remove()
+
+
+def test_a_tighter_start_keeps_its_ratio_to_the_batch_max():
+    model = quant.insert_quantizers(nn.Sequential(nn.Conv2d(3, 4, 1)), QuantConfig())
+    q = model[0].input_quantizer
+    q.amax = torch.tensor(1.0)                          # e.g. an mse range under the max
+    tracker = quant.RangeTracker(model, momentum=0.5)
+    model.train()
+    model(torch.full((1, 3, 2, 2), 3.0))               # ratio 1/3 from this first batch
+    assert tracker.ratios == {"0.input_quantizer": pytest.approx(1 / 3)}
+    assert float(q.amax) == pytest.approx(1.0)
+    model(torch.full((1, 3, 2, 2), 6.0))
+    assert float(q.amax) == pytest.approx(1.5)         # 0.5 * 1 + 0.5 * 6 / 3
     tracker.remove()
 
 

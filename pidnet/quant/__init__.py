@@ -42,7 +42,6 @@ from .qat import (  # noqa: E402
     make_ranges_learnable,
     make_ranges_static,
     mirror_learned_ranges,
-    range_ratios,
     start_learned_ranges,
 )
 from .stats import ActivationStats, apply_ranges, collect_stats, merge_stats  # noqa: E402
@@ -52,7 +51,7 @@ __all__ = [
     "RangeTracker", "activation_quantizers", "apply_ranges", "collect_stats", "disable_all",
     "execution_order", "export_onnx", "fold_batch_norms", "has_range",
     "insert_quantizers", "layer_quantizers", "layers_enabled", "lsq_grad_scale",
-    "make_ranges_learnable", "make_ranges_static", "mirror_learned_ranges", "range_ratios",
+    "make_ranges_learnable", "make_ranges_static", "mirror_learned_ranges",
     "start_learned_ranges", "match_layers", "merge_stats", "quant_state", "quantizers",
     "restore_quantized", "set_weight_ranges",
 ]

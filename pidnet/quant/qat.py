@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-
 import torch
 from modelopt.torch.quantization.nn import TensorQuantizer
 from torch import nn
@@ -15,26 +13,34 @@ LSQ_INITS = ("lsq", "fixed")
 
 class RangeTracker:
     """``stats`` mode: during training, every activation quantizer's amax follows the data by
-    an exponential moving average of the batch's max |x| times the quantizer's ``ratio`` (the
-    starting range over the observed max: 1 for the raw max, below 1 when the start was a
-    percentile or mse range), until ``freeze()``."""
+    an exponential moving average of the batch's max |x| times a ratio, until ``freeze()``.
+
+    ``ratios`` maps quantizer names to that ratio (1: the raw max). A quantizer without one
+    takes ``amax / max|x|`` of the first batch it sees, so a tighter start (a percentile or
+    mse range) keeps its relation to the batch max. ``ratios`` is filled in place: keep it
+    with the checkpoint to resume.
+    """
 
     def __init__(self, model: nn.Module, momentum: float = 0.9,
-                 ratios: Mapping[str, float] | None = None) -> None:
+                 ratios: dict[str, float] | None = None) -> None:
         self.momentum = momentum
         self.frozen = False
-        ratios = ratios or {}
-        self._handles = [q.register_forward_pre_hook(self._updater(ratios.get(name, 1.0)))
+        self.ratios = ratios if ratios is not None else {}
+        self._handles = [q.register_forward_pre_hook(self._updater(name))
                          for name, q in activation_quantizers(model).items()]
 
-    def _updater(self, ratio: float):
+    def _updater(self, name: str):
         @torch.no_grad()
         def update(q: TensorQuantizer, args: tuple) -> None:
             if self.frozen or not q.training or q.amax is None:
                 return
-            batch_max = args[0].detach().abs().max().to(q.amax) * ratio
-            if batch_max > 0:
-                q.amax = self.momentum * q.amax + (1 - self.momentum) * batch_max
+            batch_max = args[0].detach().abs().max().to(q.amax)
+            if batch_max <= 0:
+                return
+            if name not in self.ratios:
+                self.ratios[name] = float(q.amax) / float(batch_max)
+            q.amax = (self.momentum * q.amax
+                      + (1 - self.momentum) * batch_max * self.ratios[name])
         return update
 
     def freeze(self) -> None:
@@ -43,13 +49,6 @@ class RangeTracker:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-
-
-def range_ratios(model: nn.Module, observed_max: Mapping[str, float]) -> dict[str, float]:
-    """Each activation quantizer's amax over the largest |x| observed for it."""
-    return {name: float(q.amax) / observed_max[name]
-            for name, q in activation_quantizers(model).items()
-            if q.amax is not None and observed_max.get(name)}
 
 
 def _bounds(q: TensorQuantizer) -> tuple[float, float]:
