@@ -3,6 +3,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+import torch
 import yaml
 
 from pidnet.config import load_config
@@ -98,6 +99,30 @@ def test_original_readme_signatures_keep_working(tmp_path):
     assert hooks.get_optimizer(None, cfg) == "opt" and hooks.get_criterion(cfg) == "crit"
     with pytest.raises(HooksError, match="not a torch.nn.Module"):
         hooks.get_model(cfg)
+
+
+def test_test_split_only_where_the_hooks_declare_one(tmp_path):
+    cfg = load_config(None, ["model_path=w.pt"])
+    for source in (NEW_STYLE, LEGACY):   # legacy hooks get one loader for every split
+        hooks = load_hooks(_hooks_file(tmp_path, source))
+        with pytest.raises(HooksError, match="HAS_TEST_SPLIT"):
+            hooks.get_data_loader(cfg, "test")
+    hooks = load_hooks(_hooks_file(tmp_path, NEW_STYLE + "    HAS_TEST_SPLIT = True\n"))
+    assert hooks.get_data_loader(cfg, "test") == ["test"]
+
+
+def test_my_model_test_scenes_are_held_out():
+    from pidnet.hooks import load_hooks as load
+    from tests.helpers import ROOT, TINY_USER
+    cfg = load_config(None, [f"hooks={ROOT / 'my_model.py'}",
+                             *(f"user.{k}={v}" for k, v in TINY_USER.items()),
+                             "user.test_images=4"])
+    hooks = load(cfg.hooks)
+    images = {split: next(iter(hooks.get_data_loader(cfg, split)))[0]
+              for split in ("val", "test", "calib")}
+    assert images["test"].shape == images["val"].shape
+    assert not torch.allclose(images["test"], images["val"])
+    assert not torch.allclose(images["test"], images["calib"])
 
 
 def test_hooks_errors(tmp_path):

@@ -86,3 +86,19 @@ def test_non_finite_loss_stops_with_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "loss is" in err and "learning rate" in err
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_float_fine_tune_with_frozen_batch_norm_keeps_its_statistics(tmp_path,
+                                                                     tiny_float_weights):
+    """The benchmark's float control: ``train.freeze_bn_epochs`` keeps the running statistics
+    of the weights it starts from while the weights themselves train."""
+    from .helpers import TINY_HOOKS, TINY_NET_USER
+    cfg = tiny_config(tmp_path, hooks=TINY_HOOKS, user=TINY_NET_USER,
+                      model_path=str(tiny_float_weights),
+                      train={"epochs": 2, "lr": 0.01, "log_interval": 0, "freeze_bn_epochs": 2})
+    assert main(["--mode", "float", "--config", str(cfg)]) == 0
+    start = read_checkpoint(tiny_float_weights)["model"]
+    end = read_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    stats = [k for k in start if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(start[k], end[k]) for k in stats)
+    assert not torch.equal(start["head.weight"], end["head.weight"])

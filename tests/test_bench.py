@@ -1,0 +1,36 @@
+"""The QAT benchmark's goal arithmetic (bench.qat_modes.summarize) on known figures."""
+from __future__ import annotations
+
+import pytest
+
+from bench.qat_modes import summarize
+
+
+def _runs(**means):
+    return {run: [{"report": m + d, "start_val": 1.0} for d in (-0.5, 0.5)]
+            for run, m in means.items()}
+
+
+def test_goals_follow_the_issue_definitions():
+    float_fig = {"val": 70.0, "test": 70.0}
+    ptq = {"w8a8": {"methods": {"max": {"val": 69.0, "test": 69.5},
+                                "mse": {"val": 69.8, "test": 69.6}}, "best_on_val": "mse"},
+           "w4a4": {"methods": {"max": {"val": 20.0, "test": 22.0},
+                                "mse": {"val": 50.0, "test": 40.0}}, "best_on_val": "mse"}}
+    runs = {"w8a8": _runs(calib=69.8, stats=69.6, direct=69.9, control=70.1),
+            "w4a4": _runs(calib=64.5, stats=63.0, direct=68.5, control=70.1)}
+    rows, goals = summarize(float_fig, ptq, runs, higher=True)
+    w8 = goals["w8a8"]
+    assert w8["per_mode_margin_vs_float"]["calib"] == pytest.approx(0.1)   # 69.8 - 69.7
+    assert w8["per_mode_margin_vs_control"]["stats"] == pytest.approx(-0.2)  # 69.6 - 69.8
+    assert w8["met"] is False
+    w4 = goals["w4a4"]
+    # best PTQ is the method chosen on val, reported on test: 40 -> floor 70 - 0.2 * 30 = 64
+    assert w4["best_ptq"] == 40.0 and w4["recovery_floor"] == pytest.approx(64.0)
+    assert w4["per_mode_margin_vs_floor"] == pytest.approx(
+        {"calib": 0.5, "stats": -1.0, "direct": 4.5})
+    assert w4["best_mode_gap_to_float"] == pytest.approx(1.5)
+    assert w4["met"] is False                                 # stats misses the floor
+    direct = next(r for r in rows if r["setting"] == "w4a4" and r["run"] == "qat direct")
+    assert direct["mean"] == pytest.approx(68.5) and direct["std"] == pytest.approx(0.7071, 1e-3)
+    assert any(r["run"] == "ptq mse *" for r in rows if r["setting"] == "w4a4")
