@@ -32,3 +32,18 @@ def test_two_processes_match_one(tmp_path, tiny_float_weights):
     assert two_res["best"] == pytest.approx(one_res["best"], abs=0.5)
 
 
+
+
+def test_lsq_start_is_shared_by_every_rank(tmp_path, tiny_float_weights):
+    """direct with LSQ's start under torchrun: each rank starts from its own first batch, rank
+    0's steps are broadcast, and the run ends with positive, finite static ranges."""
+    from pidnet.checkpoint import read_checkpoint
+    qat = {"epochs": 1, "lr": 0.01, "log_interval": 0, "direct_init": "lsq"}
+    cfg = tiny_config(tmp_path, hooks=TINY_HOOKS, user=TINY_NET_USER, qat=qat,
+                      model_path=str(tiny_float_weights), calib={"num_batches": 1})
+    two = run_torchrun("qat_train.py", "--mode", "direct", "--config", str(cfg))
+    assert two.returncode == 0, two.stderr[-2000:]
+    state = read_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    amax = [v for k, v in state.items() if k.endswith("input_quantizer._amax")]
+    assert amax and all(bool((a > 0).all() and a.isfinite().all()) for a in amax)
+    assert not any(float(a.reshape(-1)[0]) == 4.0 for a in amax)   # not the fixed start
