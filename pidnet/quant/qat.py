@@ -15,10 +15,10 @@ class RangeTracker:
     """``stats`` mode: during training, every activation quantizer's amax follows the data by
     an exponential moving average of the batch's max |x| times a ratio, until ``freeze()``.
 
-    ``ratios`` maps quantizer names to that ratio (1: the raw max). A quantizer without one
-    takes ``amax / max|x|`` of the first batch it sees, so a tighter start (a percentile or
-    mse range) keeps its relation to the batch max. ``ratios`` is filled in place: keep it
-    with the checkpoint to resume.
+    ``ratios`` maps quantizer names to that ratio (1: the raw max; the start range over the
+    mean batch max of the statistics: a tighter start, a percentile or mse range, keeps its
+    relation to the batch max). A quantizer without one takes ``amax / max|x|`` of the first
+    batch it sees. ``ratios`` is filled in place: keep it with the checkpoint to resume.
     """
 
     def __init__(self, model: nn.Module, momentum: float = 0.9,
