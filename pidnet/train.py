@@ -100,12 +100,8 @@ def _prepare_qat(session: Session, model: nn.Module, mode: str, criterion: Calla
             model = quant.insert_quantizers(model, cfg.quant, cfg.export.target, example)
         if mode == "stats":
             quant.apply_ranges(model, stats, cfg.qat.stats_range, cfg.calib.percentile)
-            # the moving average of batch maxima settles at their mean: scale it so the
-            # tracked range starts where the chosen method put it (the raw max: 1)
-            state.range_ratios = {
-                n: 1.0 if cfg.qat.stats_range == "max" else float(q.amax) / s.batch_max_mean
-                for n, q in quant.activation_quantizers(model).items()
-                if (s := stats.get(n)) is not None and s.batch_max_mean > 0}
+            if cfg.qat.stats_range == "max":   # the raw max tracks the raw batch max
+                state.range_ratios = {n: 1.0 for n in quant.activation_quantizers(model)}
         elif mode == "direct" and cfg.qat.direct_init == "lsq":
             lsq_batch = example   # LSQ starts from the first batch, as its first step would
     model = model.to(session.device)

@@ -165,11 +165,12 @@ def test_a_tighter_start_keeps_its_ratio_to_the_batch_max():
     model = quant.insert_quantizers(nn.Sequential(nn.Conv2d(3, 4, 1)), QuantConfig())
     q = model[0].input_quantizer
     q.amax = torch.tensor(1.0)                          # e.g. an mse range under the max
-    tracker = quant.RangeTracker(model, momentum=0.5)
+    tracker = quant.RangeTracker(model, momentum=0.5, warmup=2)
     model.train()
-    model(torch.full((1, 3, 2, 2), 3.0))               # ratio 1/3 from this first batch
-    assert tracker.ratios == {"0.input_quantizer": pytest.approx(1 / 3)}
+    model(torch.full((1, 3, 2, 2), 2.0))
+    model(torch.full((1, 3, 2, 2), 4.0))               # warm-up: mean batch max 3, amax kept
     assert float(q.amax) == pytest.approx(1.0)
+    assert tracker.ratios == {"0.input_quantizer": pytest.approx(1 / 3)}
     model(torch.full((1, 3, 2, 2), 6.0))
     assert float(q.amax) == pytest.approx(1.5)         # 0.5 * 1 + 0.5 * 6 / 3
     tracker.remove()

@@ -15,17 +15,21 @@ class RangeTracker:
     """``stats`` mode: during training, every activation quantizer's amax follows the data by
     an exponential moving average of the batch's max |x| times a ratio, until ``freeze()``.
 
-    ``ratios`` maps quantizer names to that ratio (1: the raw max; the start range over the
-    mean batch max of the statistics: a tighter start, a percentile or mse range, keeps its
-    relation to the batch max). A quantizer without one takes ``amax / max|x|`` of the first
-    batch it sees. ``ratios`` is filled in place: keep it with the checkpoint to resume.
+    ``ratios`` maps quantizer names to that ratio (1: the raw max). A quantizer without one
+    keeps its starting range for its first ``warmup`` training batches and takes
+    ``amax / mean(batch max)`` over them: a tighter start (a percentile, mse or entropy range)
+    keeps its relation to the batch max of the quantized network being trained, whose maxima
+    can differ a lot from the float statistics at low bit widths. ``ratios`` is filled in
+    place: keep it with the checkpoint to resume.
     """
 
     def __init__(self, model: nn.Module, momentum: float = 0.9,
-                 ratios: dict[str, float] | None = None) -> None:
+                 ratios: dict[str, float] | None = None, warmup: int = 10) -> None:
         self.momentum = momentum
+        self.warmup = warmup
         self.frozen = False
         self.ratios = ratios if ratios is not None else {}
+        self._seen: dict[str, list[float]] = {}
         self._handles = [q.register_forward_pre_hook(self._updater(name))
                          for name, q in activation_quantizers(model).items()]
 
@@ -38,7 +42,11 @@ class RangeTracker:
             if batch_max <= 0:
                 return
             if name not in self.ratios:
-                self.ratios[name] = float(q.amax) / float(batch_max)
+                seen = self._seen.setdefault(name, [])
+                seen.append(float(batch_max))
+                if len(seen) >= self.warmup:
+                    self.ratios[name] = float(q.amax) / (sum(seen) / len(seen))
+                return
             q.amax = (self.momentum * q.amax
                       + (1 - self.momentum) * batch_max * self.ratios[name])
         return update

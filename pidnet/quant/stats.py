@@ -19,13 +19,11 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ActivationStats:
     """Histogram of |x| seen by one quantizer: ``counts`` over ``edges`` (bins of equal width
-    from 0, grown as larger values arrive), the exact ``abs_max`` and the mean of the batches'
-    maxima (what a moving average of batch maxima settles at)."""
+    from 0, grown as larger values arrive) and the exact ``abs_max``."""
 
     counts: torch.Tensor
     edges: torch.Tensor
     abs_max: float
-    batch_max_mean: float = 0.0
 
 
 def _merge_bins(counts: torch.Tensor, factor: int) -> torch.Tensor:
@@ -40,14 +38,12 @@ class _HistogramCollector:
         self.width: float | None = None
         self.counts = torch.zeros(0, dtype=torch.float64)
         self.abs_max = 0.0
-        self.batch_maxima: list[float] = []
         self.seen = False
 
     def __call__(self, _module: nn.Module, args: tuple) -> None:
         x = args[0].detach().abs().float()
         self.seen = True
         batch_max = float(x.max()) if x.numel() else 0.0
-        self.batch_maxima.append(batch_max)
         if batch_max <= 0.0:            # all zeros: they belong in the first bin
             if self.width is not None:
                 self.counts[0] += x.numel()
@@ -68,8 +64,7 @@ class _HistogramCollector:
         if self.width is None:
             return None
         edges = torch.arange(len(self.counts) + 1, dtype=torch.float64) * self.width
-        return ActivationStats(self.counts, edges, self.abs_max,
-                               sum(self.batch_maxima) / len(self.batch_maxima))
+        return ActivationStats(self.counts, edges, self.abs_max)
 
 
 @torch.no_grad()
@@ -135,11 +130,11 @@ def merge_stats(stats: dict[str, ActivationStats | None]) -> dict[str, Activatio
         return stats
     names = sorted(stats)
     local = torch.tensor([[s.abs_max if s else 0.0, float(s.edges[-1]) if s else 0.0,
-                           len(s.counts) if s else 0, s.batch_max_mean if s else 0.0]
-                          for s in (stats[n] for n in names)], dtype=torch.float64)
+                           len(s.counts) if s else 0] for s in (stats[n] for n in names)],
+                         dtype=torch.float64)
     gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local)
-    table = torch.stack(gathered)                       # (ranks, quantizers, 4)
+    table = torch.stack(gathered)                       # (ranks, quantizers, 3)
     merged: dict[str, ActivationStats | None] = {}
     for i, name in enumerate(names):
         abs_max = float(table[:, i, 0].max())
@@ -153,6 +148,5 @@ def merge_stats(stats: dict[str, ActivationStats | None]) -> dict[str, Activatio
             counts.index_add_(0, index, s.counts)
         dist.all_reduce(counts)
         merged[name] = None if top <= 0 else ActivationStats(
-            counts, torch.arange(bins + 1, dtype=torch.float64) * (top / bins), abs_max,
-            float(table[:, i, 3][table[:, i, 1] > 0].mean()))
+            counts, torch.arange(bins + 1, dtype=torch.float64) * (top / bins), abs_max)
     return merged
