@@ -13,7 +13,8 @@ chosen on the data it is reported on: methods are chosen on val, and every figur
 *final* model on the held-out test split (the hooks' ``test`` split; a hooks file without one
 reports val, and the JSON says so).
 
-Each run keeps its result as it finishes (``<out-dir>/<setting>/<run>/``): a rerun after a stop
+Each run keeps its result as it finishes (``<out-dir>/<setting>/<run>_seed<n>/``; the control,
+which has no quantizers, once per seed in ``<out-dir>/control_seed<n>/``): a rerun after a stop
 only does what is missing, and resumes an unfinished training from its ``last.pt``. Output: a
 table (mean and standard deviation over seeds), bench/results/qat_modes.json, and
 bench/results/qat_modes.png (each mode's per-epoch val metric against float and best PTQ).
@@ -137,7 +138,9 @@ class Bench:
     def train(self, setting: str, run: str, seed: int, epochs: int, train_images: int,
               ptq_method: str) -> dict[str, Any]:
         """One training through qat_train.py, then its final model on the report split."""
-        out = self.out / setting / f"{run}_seed{seed}"
+        # the control has no quantizers: one run per seed serves every bit setting
+        out = (self.out / f"control_seed{seed}" if run == "control"
+               else self.out / setting / f"{run}_seed{seed}")
         if (done := _load_json(out / "bench.json")) is not None:
             return done
         cfg = self.session.cfg
@@ -150,6 +153,7 @@ class Bench:
                 f"qat.freeze_ranges_epochs={min(epochs, cfg.qat.freeze_ranges_epochs)}",
                 f"calib.method={ptq_method}", f"qat.stats_range={ptq_method}"]
         if run == "control":   # the same schedule as QAT, no quantizers
+            sets = [item for item in sets if not item.startswith("quant.")]
             sets += [f"train.epochs={epochs}", f"train.lr={cfg.qat.lr}",
                      f"train.schedule={cfg.qat.schedule}",
                      f"train.freeze_bn_epochs={frozen_bn}"]
