@@ -37,33 +37,26 @@ from typing import Any
 import torch
 
 from pidnet import quant
-from pidnet.checkpoint import load_weights, read_checkpoint
+from pidnet.checkpoint import load_weights
 from pidnet.cli import setup_logging
 from pidnet.config import Config, load_config
+from pidnet.demo import QAT_MODES
 from pidnet.engine import pick_metric, to_device
 from pidnet.errors import InputError
 from pidnet.hooks import load_hooks
 from pidnet.pipeline import (Session, build_criterion, evaluate_model, example_input,
                              load_quantized, quantized_copy_with_stats)
 from pidnet.plots import plot_qat_settings
-from pidnet.reports import format_table
+from pidnet.reports import format_table, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
-MODES = ("calib", "stats", "direct")
-RUNS = (*MODES, "control")
+RUNS = (*QAT_MODES, "control")
 logger = logging.getLogger("bench.qat_modes")
 
 
 def _load_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 class Bench:
@@ -111,7 +104,7 @@ class Bench:
         path = self.out / "float.json"
         if (done := _load_json(path)) is None:
             done = self.both(self.float_model())
-            _write_json(path, done)
+            write_json(path, done)
         return done
 
     def ptq(self, setting: str) -> dict[str, Any]:
@@ -132,7 +125,7 @@ class Bench:
         pick = max if self.higher else min
         best = pick(methods, key=lambda m: methods[m]["val"])
         done = {"methods": methods, "best_on_val": best}
-        _write_json(path, done)
+        write_json(path, done)
         return done
 
     def train(self, setting: str, run: str, seed: int, epochs: int, train_images: int,
@@ -176,7 +169,7 @@ class Bench:
                 "final_val": results["final"][self.metric],
                 "start_val": results.get("baselines", {}).get("start", {}).get(self.metric),
                 "curve": [e[self.metric] for e in results["epochs"]], "command": command}
-        _write_json(out / "bench.json", done)
+        write_json(out / "bench.json", done)
         logger.info("%s %s seed %d: %s %.2f (%.0f s)", setting, run, seed, self.report_split,
                     done["report"], done["seconds"])
         return done
@@ -185,7 +178,7 @@ class Bench:
         if quantized:
             return load_quantized(self.session_for(setting), path)
         model = self.hooks.get_model(self.session.cfg)
-        load_weights(model, read_checkpoint(path))
+        load_weights(model, path)
         return model
 
 
@@ -218,7 +211,7 @@ def summarize(float_fig: dict, ptq: dict[str, dict], runs: dict[str, dict[str, l
                          else f"qat {run}", "mean": mean, "std": std, "n": len(results),
                          "start": "" if run == "control" else
                          statistics.fmean(r["start_val"] for r in results)})
-        modes = {m: means[m] for m in MODES if m in means}
+        modes = {m: means[m] for m in QAT_MODES if m in means}
         if not modes:
             continue
         best_ptq = methods[best]["test"]
@@ -309,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
                   "modes": {r: [statistics.fmean(c) for c in zip(*(x["curve"] for x in res))]
                             for r, res in runs[s].items() if res}} for s in runs}
     plot = plot_qat_settings(curves, bench.metric, Path(args.json).with_suffix(".png"))
-    _write_json(Path(args.json), {"summary": summary, "rows": rows, "ptq": ptq,
+    write_json(Path(args.json), {"summary": summary, "rows": rows, "ptq": ptq,
                                   "runs": runs, "curves": curves, "plot": str(plot)})
     print(args.json)
 

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 def qat_view(cfg: Config) -> Config:
     """The config as the training loop and hooks see it in a QAT mode: ``qat.*`` as ``train.*``."""
     train = dataclasses.replace(cfg.train, epochs=cfg.qat.epochs, lr=cfg.qat.lr,
-                                schedule=cfg.qat.schedule, log_interval=cfg.qat.log_interval)
+                                schedule=cfg.qat.schedule, log_interval=cfg.qat.log_interval,
+                                freeze_bn_epochs=cfg.qat.freeze_bn_epochs)
     return dataclasses.replace(cfg, train=train)
 
 
@@ -218,18 +219,16 @@ def _run(session: Session, args: argparse.Namespace) -> None:
                                       else [session.device.index])
     after_backward = _sync_range_grads(state.range_params)
     metric_name = None
-    bn_epochs = cfg.qat.freeze_bn_epochs if qat else cfg.train.freeze_bn_epochs
-    frozen_bn = lambda e: bn_epochs > 0 and e >= epochs - bn_epochs
     for epoch in range(start_epoch, epochs):
-        final_phase = lambda n, e=epoch: qat and n > 0 and e >= epochs - n
-        if final_phase(cfg.qat.freeze_ranges_epochs):
+        final_phase = lambda n, e=epoch: n > 0 and e >= epochs - n   # one of the last n epochs
+        if qat and final_phase(cfg.qat.freeze_ranges_epochs):
             if state.tracker is not None:
                 state.tracker.freeze()
             for p in state.range_params:
                 p.requires_grad_(False)
         stats = train_one_epoch(net, train_loader, criterion, optimizer, session.device, epoch,
                                 scheduler, run_cfg.train.log_interval,
-                                freeze_bn=frozen_bn(epoch),
+                                freeze_bn=final_phase(run_cfg.train.freeze_bn_epochs),
                                 after_backward=after_backward)
         if state.tracker is not None:
             _sync_tracked_ranges(model)
