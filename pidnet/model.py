@@ -1,9 +1,11 @@
 """PIDNet S/M/L (Xu et al., CVPR 2023), laid out key for key like the official release.
 
 The network is rebuilt from the paper and the released state-dict layout so that official
-checkpoints load without renaming. Every operation that merges two tensors (residual adds, the
-P/I/D fusions, the sigmoid gates) is a parameter-free module, so a quantizer can later attach to
-its inputs without changing the state dict.
+checkpoints load without renaming. Every operation between the convolutions (residual adds,
+the P/I/D fusions and their sigmoid gates, products, resizes, concatenations) is a
+parameter-free module, so a quantizer can attach to its inputs or output without changing the
+state dict: an INT8 runtime runs such an op in integer form only when its inputs and output
+are quantized.
 """
 from __future__ import annotations
 
@@ -57,8 +59,32 @@ class Concat(nn.Module):
         return torch.cat(tensors, dim=1)
 
 
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+class Mul(nn.Module):
+    """``x * y`` (broadcasting) as a module."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x * y
+
+
+class Complement(nn.Module):
+    """``1 - x`` as a module: the weight of the other branch in a gated fusion."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 1 - x
+
+
+class ChannelSum(nn.Module):
+    """Sum over channels, keeping the channel axis: the pixel attention's dot product."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sum(x, dim=1, keepdim=True)
+
+
+class Resize(nn.Module):
+    """Bilinear resize to ``size`` (``align_corners=False``, as upstream)."""
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 def _conv_bn(cin: int, cout: int, kernel: int = 1, padding: int = 0) -> nn.Sequential:
@@ -159,10 +185,12 @@ class _PyramidPooling(nn.Module):
         self.scale3 = _bn_relu_conv(inplanes, branch_planes, pool=nn.AvgPool2d(17, 8, 8))
         self.scale4 = _bn_relu_conv(inplanes, branch_planes, pool=nn.AdaptiveAvgPool2d((1, 1)))
         self.scale0 = _bn_relu_conv(inplanes, branch_planes)
+        self.resizes = nn.ModuleList(Resize() for _ in range(4))
 
     def _pooled(self, x: torch.Tensor) -> list[torch.Tensor]:
         size = (x.shape[-2], x.shape[-1])
-        return [_resize(s(x), size) for s in (self.scale1, self.scale2, self.scale3, self.scale4)]
+        scales = (self.scale1, self.scale2, self.scale3, self.scale4)
+        return [resize(s(x), size) for s, resize in zip(scales, self.resizes)]
 
 
 class PAPPM(_PyramidPooling):
@@ -215,14 +243,19 @@ class PagFM(nn.Module):
         super().__init__()
         self.f_x = _conv_bn(in_channels, mid_channels)
         self.f_y = _conv_bn(in_channels, mid_channels)
+        self.resize_q = Resize()
+        self.resize_y = Resize()
+        self.mul = Mul()
+        self.sum = ChannelSum()
+        self.gate = nn.Sigmoid()
         self.blend = Blend()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         size = (x.shape[-2], x.shape[-1])
-        y_q = _resize(self.f_y(y), size)
+        y_q = self.resize_q(self.f_y(y), size)
         x_k = self.f_x(x)
-        gate = torch.sigmoid(torch.sum(x_k * y_q, dim=1, keepdim=True))
-        return self.blend(x, _resize(y, size), gate)
+        gate = self.gate(self.sum(self.mul(x_k, y_q)))
+        return self.blend(x, self.resize_y(y, size), gate)
 
 
 class LightBag(nn.Module):
@@ -232,14 +265,18 @@ class LightBag(nn.Module):
         super().__init__()
         self.conv_p = _conv_bn(in_channels, out_channels)
         self.conv_i = _conv_bn(in_channels, out_channels)
+        self.edge = nn.Sigmoid()
+        self.complement = Complement()
+        self.mul_i = Mul()
+        self.mul_p = Mul()
         self.add_p = Add()
         self.add_i = Add()
         self.add_out = Add()
 
     def forward(self, p: torch.Tensor, i: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        edge = torch.sigmoid(d)
-        p_add = self.conv_p(self.add_p((1 - edge) * i, p))
-        i_add = self.conv_i(self.add_i(edge * p, i))
+        edge = self.edge(d)
+        p_add = self.conv_p(self.add_p(self.mul_i(self.complement(edge), i), p))
+        i_add = self.conv_i(self.add_i(self.mul_p(edge, p), i))
         return self.add_out(p_add, i_add)
 
 
@@ -249,10 +286,11 @@ class Bag(nn.Module):
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.conv = _bn_relu_conv(in_channels, out_channels, kernel=3, padding=1)
+        self.edge = nn.Sigmoid()
         self.blend = Blend()
 
     def forward(self, p: torch.Tensor, i: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.blend(i, p, torch.sigmoid(d)))
+        return self.conv(self.blend(i, p, self.edge(d)))
 
 
 # --------------------------------------------------------------------------- network
@@ -333,6 +371,9 @@ class PIDNet(nn.Module):
         self.layer5_d = _make_layer(Bottleneck, planes * 2, planes * 2, 1)
         self.add_d3 = Add()
         self.add_d4 = Add()
+        self.resize_d3 = Resize()
+        self.resize_d4 = Resize()
+        self.resize_i = Resize()
         # heads
         if augment:
             self.seghead_p = SegmentHead(planes * 2, spec.head_planes, num_classes)
@@ -357,7 +398,7 @@ class PIDNet(nn.Module):
 
         x = self.relu(self.layer3(x))
         x_p = self.pag3(x_p, self.compression3(x))
-        x_d = self.add_d3(_resize(self.diff3(x), size), x_d)
+        x_d = self.add_d3(self.resize_d3(self.diff3(x), size), x_d)
         # Upstream keeps these for the auxiliary heads and then applies an in-place ReLU to
         # them, so the heads see the rectified tensors; done explicitly here.
         x_p = self.relu(x_p)
@@ -367,13 +408,13 @@ class PIDNet(nn.Module):
         x_p = self.layer4_(x_p)
         x_d = self.layer4_d(self.relu(x_d))
         x_p = self.pag4(x_p, self.compression4(x))
-        x_d = self.add_d4(_resize(self.diff4(x), size), x_d)
+        x_d = self.add_d4(self.resize_d4(self.diff4(x), size), x_d)
         x_d = self.relu(x_d)
         temp_d = x_d
 
         x_p = self.layer5_(self.relu(x_p))
         x_d = self.layer5_d(x_d)
-        x = _resize(self.spp(self.layer5(x)), size)
+        x = self.resize_i(self.spp(self.layer5(x)), size)
         out = self.final_layer(self.dfm(x_p, x, x_d))
         if self.augment:
             return [self.seghead_p(temp_p), out, self.seghead_d(temp_d)]

@@ -87,10 +87,15 @@ def optimized_ops(path: str | Path, threads: int) -> dict[str, Any]:
 
 
 def paired_latency(paths: dict[str, str | Path], shape: tuple[int, ...], threads: int,
-                   runs: int, warmup: int = 3, seed: int = 0) -> dict[str, Any]:
+                   runs: int, warmup: int = 3, seed: int = 0, pause: float = 0.05
+                   ) -> dict[str, Any]:
     """Median latency of each graph on the same random input, runs interleaved (the order
     alternating every round) so machine noise hits every graph alike; also the median over
-    rounds of each graph's time relative to the first graph."""
+    rounds of each graph's time relative to the first graph.
+
+    A session's worker threads spin for a while after each run; right after another session
+    ran they take the cores from the one being timed (INT8 graphs measured 1.4x slower than
+    alone that way). Each timed run starts ``pause`` seconds after the previous one ended."""
     sessions = {k: session(p, threads) for k, p in paths.items()}
     x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
@@ -98,6 +103,7 @@ def paired_latency(paths: dict[str, str | Path], shape: tuple[int, ...], threads
     names = list(sessions)
     for i in range(warmup + runs):
         for name in names if i % 2 else names[::-1]:
+            time.sleep(pause)
             start = time.perf_counter()
             sessions[name].run(None, feeds[name])
             if i >= warmup:
@@ -106,7 +112,7 @@ def paired_latency(paths: dict[str, str | Path], shape: tuple[int, ...], threads
     return {"median_ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
             "speedup_over_" + base: {k: statistics.median(b / t for b, t in zip(times[base], v))
                                      for k, v in times.items()},
-            "runs": runs, "threads": threads, "shape": list(shape)}
+            "runs": runs, "threads": threads, "shape": list(shape), "pause_s": pause}
 
 
 def activations_to_uint8(path: str | Path) -> int:

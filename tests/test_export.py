@@ -13,9 +13,11 @@ from onnx import numpy_helper
 from pidnet import runtime
 from pidnet.calibrate import main as calibrate_main
 from pidnet.config import load_config
+from pidnet.data import SyntheticScenes
 from pidnet.engine import main_prediction
 from pidnet.export_onnx import main as export_main
 from pidnet.hooks import load_hooks
+from pidnet.model import create_model
 from pidnet.pipeline import Session, load_quantized
 from pidnet.sensitivity_analysis import main as sensitivity_main
 
@@ -118,6 +120,33 @@ def test_export_places_qdq_by_target_and_matches_pytorch(tmp_path, tiny_float_we
             model.head.weight.detach().abs().sum(dim=(1, 2, 3)).max())
     within = ((got - want).abs() <= step + 1e-5).float().mean()
     assert within >= 0.99, float(within)
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+def test_pidnet_ops_between_convolutions_follow_the_target(tmp_path, target):
+    """PIDNet-S's gates, products, resizes, concatenations and pooling carry quantizers at
+    their producers under the onnxruntime placement, so onnxruntime's optimized graph runs
+    every quantizable op as an integer kernel, as its own quantize_static does; the tensorrt
+    placement gives them none."""
+    torch.manual_seed(0)
+    weights = tmp_path / "float.pt"
+    torch.save(create_model("pidnet_s", SyntheticScenes.num_classes).state_dict(), weights)
+    cfg = tiny_config(tmp_path, model_path=str(weights), export={"target": target,
+                                                                 "latency_runs": 3},
+                      calib={"num_batches": 1, "methods": ["max"]})
+    assert calibrate_main(["--config", str(cfg), "--set", f"output_dir={tmp_path / 'cal'}"]) == 0
+    # an untrained network's argmax is fragile: the agreement gate may fail (exit 3)
+    assert export_main(["--config", str(cfg), "--set",
+                        f"model_path={tmp_path / 'cal' / 'quantized.pt'}"]) in (0, 3)
+    graph = json.loads((tmp_path / "run" / "results.json").read_text())["optimized_int8_graph"]
+    between = {"Mul": 8, "Sigmoid": 3, "Concat": 2, "AveragePool": 3, "GlobalAveragePool": 1}
+    if target == "onnxruntime":
+        assert graph["float"] == {}
+        assert graph["integer_convs"] == graph["all_convs"] == 75
+        assert graph["integer"] == {"QLinearConv": 75, "QLinearAdd": 32,
+                                    **{f"QLinear{op}": n for op, n in between.items()}}
+    else:
+        assert {op: graph["float"].get(op) for op in between} == between
 
 
 def test_float_checkpoint_and_other_target_are_one_line_errors(tmp_path, tiny_float_weights,

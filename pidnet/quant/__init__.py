@@ -5,8 +5,9 @@ inserting quantizers, turning them on and off by layer, setting ranges, saving a
 
 Placement follows the deployment target. For TensorRT: conv (and pooling) inputs per tensor,
 weights per output channel, and the skip input of each residual add, so TensorRT can fuse the
-conv that feeds the add. For onnxruntime, conv outputs are quantized too, since its integer
-kernels need a quantized input, weight and output.
+conv that feeds the add. For onnxruntime, every tensor is quantized once, where it is made
+(convolutions, adds, products, sigmoids, ReLUs, concatenations, pooling, resizes), since its
+integer kernels need a quantized input, weight and output.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import QuantConfig
 from ..errors import CheckpointError, ConfigError
-from ..model import Add, Blend
+from ..model import Add, Blend, ChannelSum, Complement, Concat, Mul, Resize
 from .dataflow import Dataflow, forward_once, trace_dataflow
 
 logger = logging.getLogger(__name__)
@@ -37,26 +37,63 @@ class QuantAdd(Add):
         return self.output_quantizer(x + self.skip_quantizer(skip))
 
 
-class QuantReLU(nn.ReLU):
-    """``q(relu(x))``: under the onnxruntime placement the ReLU output is quantized unsigned,
-    so onnxruntime drops the ReLU into the integer kernel before it."""
+class _QuantOutput:
+    """Mixin for a parameter-free op whose output the onnxruntime placement may quantize
+    (the quantizer stays off otherwise), so onnxruntime runs the op as an integer kernel."""
 
     def _setup(self) -> None:
         self.output_quantizer = TensorQuantizer()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output_quantizer(super().forward(x))
+    def forward(self, *args: Any) -> Any:
+        return self.output_quantizer(super().forward(*args))
+
+
+class QuantReLU(_QuantOutput, nn.ReLU):
+    """``q(relu(x))``: under the onnxruntime placement the ReLU output is quantized unsigned,
+    so onnxruntime drops the ReLU into the integer kernel before it."""
+
+
+class QuantSigmoid(_QuantOutput, nn.Sigmoid):
+    """``q(sigmoid(x))``, unsigned under the onnxruntime placement (QLinearSigmoid)."""
+
+
+class QuantMul(_QuantOutput, Mul):
+    """``q(x * y)`` (QLinearMul)."""
+
+
+class QuantConcat(_QuantOutput, Concat):
+    """``q(cat(tensors))`` (QLinearConcat)."""
+
+
+class QuantComplement(_QuantOutput, Complement):
+    """``q(1 - x)``: the float subtraction's output feeds an integer multiply."""
+
+
+class QuantChannelSum(_QuantOutput, ChannelSum):
+    """``q(sum(x))``: the float reduction's output feeds an integer sigmoid."""
+
+
+class QuantResize(_QuantOutput, Resize):
+    """``q(resize(x))``: the resized tensor feeds integer adds and multiplies."""
 
 
 class QuantBlend(Blend):
-    """``(1 - gate) * q(x) + gate * q(y)``; the gate stays in float (a sigmoid output)."""
+    """``(1 - gate) * q(x) + gate * q(y)``. The TensorRT placement quantizes ``x`` and ``y``;
+    the onnxruntime placement quantizes the complement, both products and the sum instead
+    (``x``, ``y`` and the gate are quantized where they are made), so every step of the
+    blend runs as an integer kernel."""
+
+    inner_quantizers = ("complement_quantizer", "x_product_quantizer", "y_product_quantizer")
 
     def _setup(self) -> None:
-        self.x_quantizer = TensorQuantizer()
-        self.y_quantizer = TensorQuantizer()
+        for name in ("x_quantizer", "y_quantizer", *self.inner_quantizers, "output_quantizer"):
+            setattr(self, name, TensorQuantizer())
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.x_quantizer(x), self.y_quantizer(y), gate)
+        x, y = self.x_quantizer(x), self.y_quantizer(y)
+        kept = self.x_product_quantizer(self.complement_quantizer(1 - gate) * x)
+        taken = self.y_product_quantizer(gate * y)
+        return self.output_quantizer(kept + taken)
 
 
 # modelopt warns, per quantized class, that it has no tensor-parallel state under torchrun;
@@ -64,7 +101,10 @@ class QuantBlend(Blend):
 warnings.filterwarnings("ignore", message="Distributed training is initialized but no "
                         "parallel_state")
 
-for _original, _quantized in ((Add, QuantAdd), (Blend, QuantBlend), (nn.ReLU, QuantReLU)):
+for _original, _quantized in ((Add, QuantAdd), (Blend, QuantBlend), (nn.ReLU, QuantReLU),
+                              (nn.Sigmoid, QuantSigmoid), (Mul, QuantMul),
+                              (Concat, QuantConcat), (Complement, QuantComplement),
+                              (ChannelSum, QuantChannelSum), (Resize, QuantResize)):
     if _original not in QuantModuleRegistry:
         mtq.register(original_cls=_original, quantized_cls=_quantized)
 
@@ -150,28 +190,34 @@ _INPUT_QUANTIZERS = {"input_quantizer": 0, "skip_quantizer": 1, "x_quantizer": 0
 
 def _place_at_producers(model: nn.Module, flow: Dataflow, qcfg: QuantConfig,
                         excluded: set[str]) -> None:
-    """The onnxruntime placement: every convolution, linear layer and residual add quantizes
-    its output, after the batch norm and ReLU that follow it when they are its only reader
-    (unsigned after a ReLU), as onnxruntime's integer kernels need a quantized input, weight
-    and output. A module whose input its producer already quantizes gets no input quantizer,
-    so each tensor carries one Q/DQ pair."""
+    """The onnxruntime placement: every op that can quantize its output does (convolutions,
+    linear layers, adds, products, sigmoids, ReLUs, concatenations, pooling, resizes), as
+    onnxruntime's integer kernels need a quantized input, weight and output. A convolution or
+    linear layer quantizes after the batch norm and ReLU that follow it when they are its only
+    reader, any other op after the ReLU that is; ReLU and sigmoid outputs are unsigned. A
+    module whose input its producer already quantizes gets no input quantizer, so each tensor
+    carries one Q/DQ pair."""
     modules = dict(model.named_modules())
     quantized: set[str] = set()
     for name, module in modules.items():
         if name in excluded or name not in flow.producers or \
-                not isinstance(module, (nn.Conv2d, nn.Linear, Add)):
+                isinstance(module, nn.modules.batchnorm._BatchNorm) or \
+                not isinstance(getattr(module, "output_quantizer", None), TensorQuantizer):
             continue
         end = name
-        if not isinstance(module, Add):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
             end = flow.sole_reader(end, modules, nn.modules.batchnorm._BatchNorm, True) or end
-        end = flow.sole_reader(end, modules, nn.ReLU) or end
+        if not isinstance(module, nn.ReLU):
+            end = flow.sole_reader(end, modules, nn.ReLU) or end
         if end in excluded or not hasattr(modules[end], "output_quantizer"):
             continue
-        q = modules[end].output_quantizer
-        q.set_from_attribute_config({"num_bits": qcfg.act_bits, "axis": None,
-                                     "unsigned": isinstance(modules[end], nn.ReLU),
-                                     "pass_through_bwd": False})
-        q.enable()
+        inner = [getattr(module, attr) for attr in getattr(module, "inner_quantizers", ())]
+        for q in [*inner, modules[end].output_quantizer]:
+            unsigned = q is modules[end].output_quantizer and \
+                isinstance(modules[end], (nn.ReLU, nn.Sigmoid))
+            q.set_from_attribute_config({"num_bits": qcfg.act_bits, "axis": None,
+                                         "unsigned": unsigned, "pass_through_bwd": False})
+            q.enable()
         quantized.add(end)
     for name, module in modules.items():
         for attr, position in _INPUT_QUANTIZERS.items():
