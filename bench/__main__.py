@@ -96,6 +96,19 @@ def collect() -> dict[str, Any]:
             round(floor, 4), None, None, cmd, "export_speed.json")
         figures["integer_convolutions"] = _figure(export["integer_convs"]["ptq_onnxruntime"],
                                                   None, None, cmd, "export_speed.json")
+        ours = export["metrics"]["ptq_onnxruntime"]
+        for name, value in (("float", ours["onnxruntime_float"]),
+                            ("int8", ours["onnxruntime_int8"]),
+                            ("quantize_static", export.get("metric_onnxruntime_quantize_static"))):
+            if value is not None:
+                figures[f"val_miou_onnxruntime_{name}"] = _figure(round(value, 2), None, None,
+                                                                  cmd, "export_speed.json")
+        if "qat_onnxruntime" in speed:
+            figures["qat_int8_over_float_onnxruntime"] = _figure(
+                round(speed["qat_onnxruntime"], 2), None, None, cmd, "export_speed.json")
+            qat = export["agreement"]["qat_onnxruntime"]
+            figures["qat_int8_argmax_agreement"] = _figure(round(qat, 4), ">= 0.995",
+                                                           qat >= 0.995, cmd, "export_speed.json")
     versions = next((d["versions"] for d in (sens, export) if d and "versions" in d), {})
     return {"date": datetime.date.today().isoformat(),
             "machine": {"platform": platform.platform(), "processor": platform.machine(),

@@ -9,7 +9,9 @@ and against onnxruntime's own static quantization of the same float graph, in on
    scenes: the accuracy figures) and at the deployed ``--size`` (the speed figures).
    With --qat, a QAT checkpoint (export.target=onnxruntime) is exported the same way.
 2. onnxruntime's peer: quant_pre_process on the deployed-size float.onnx, then quantize_static
-   (QDQ, per-channel int8 weights, uint8 activations, MinMax over calibration scenes).
+   (QDQ, per-channel int8 weights, uint8 activations, MinMax over calibration scenes); and the
+   same at the validated size from the scenes calibrate.py read, scored on the same val
+   scenes as ours (its metric: is ours as accurate as onnxruntime's own quantization?).
 3. Latency of every deployed-size graph, interleaved, paired medians, ``--threads`` threads.
 
 Goals (issue 9): INT8 (onnxruntime placement) at least 2.5x float and at least the peer, with
@@ -18,12 +20,14 @@ pixel agreement at least 99.5%. Figures: bench/results/export_speed.json.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -31,26 +35,52 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from bench import save_result
 from pidnet import runtime
 from pidnet.calibrate import main as calibrate_main
-from pidnet.config import load_config
+from pidnet.config import Config, load_config
+from pidnet.engine import pick_metric
 from pidnet.export_onnx import main as export_main
 from pidnet.hooks import load_hooks
+from pidnet.pipeline import FixedBatches, Session, build_criterion, evaluate_model
 from pidnet.reports import versions
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 class Scenes(CalibrationDataReader):
-    """The calib split's images, one at a time, for onnxruntime's calibrator."""
+    """The calib split's images, one at a time, for onnxruntime's calibrator: the first
+    ``count``, or (None) those of the ``calib.num_batches`` batches calibrate.py reads."""
 
-    def __init__(self, config: str, overrides: list[str], count: int) -> None:
+    def __init__(self, config: str, overrides: list[str], count: int | None) -> None:
         cfg = load_config(config, overrides)
         loader = load_hooks(cfg.hooks).get_data_loader(cfg, "calib")
-        images = [x[i:i + 1].numpy() for x, _ in loader for i in range(len(x))]
+        batches = itertools.islice(loader, cfg.calib.num_batches if count is None else None)
+        images = [x[i:i + 1].numpy() for x, _ in batches for i in range(len(x))]
         self.images = iter(images[:count])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         image = next(self.images, None)
         return None if image is None else {"input": image}
+
+
+def quantize_like_onnxruntime(float_graph: Path, path: Path, scenes: Scenes) -> Path:
+    """onnxruntime's own static quantization of ``float_graph``: quant_pre_process, then
+    quantize_static (QDQ, per-channel int8 weights, uint8 activations, MinMax)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(float_graph), str(prepared))
+        quantize_static(str(prepared), str(path), scenes, quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8)
+    return path
+
+
+def peer_metric(cfg: Config, graph: Path, out: Path, threads: int) -> float:
+    """The config's metric of ``graph`` on the val scenes export_onnx.py checks ours on."""
+    session = Session(cfg, out, load_hooks(cfg.hooks), torch.device("cpu"))
+    batches = FixedBatches(session.hooks.get_data_loader(cfg, "val"), cfg.export.eval_batches,
+                           session.device, cfg.seed)
+    model = runtime.OrtModel(runtime.session(graph, threads), 1)
+    scores = evaluate_model(session, model, batches, build_criterion(session))
+    return scores[pick_metric(scores, cfg.metric)[0]]
 
 
 def main() -> None:
@@ -61,7 +91,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=[512, 1024])
     parser.add_argument("--calib-images", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--out-dir", default="runs/bench_export")
     parser.add_argument("--json", default=str(ROOT / "bench/results/export_speed.json"))
     args = parser.parse_args()
@@ -96,14 +126,15 @@ def main() -> None:
               "user.batch_size=1"]
 
     float_graph = out / "ptq_onnxruntime_deployed" / "float.onnx"
-    with tempfile.TemporaryDirectory() as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(float_graph), str(prepared))
-        peer = out / "onnxruntime_quantize_static.onnx"
-        quantize_static(str(prepared), str(peer),
-                        Scenes(args.config, scenes, args.calib_images),
-                        quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    peer = quantize_like_onnxruntime(float_graph, out / "onnxruntime_quantize_static.onnx",
+                                     Scenes(args.config, scenes, args.calib_images))
+    # the peer's accuracy: quantized at the validated size from as many calib scenes as ours
+    cfg = load_config(args.config, [])
+    peer_accuracy = peer_metric(cfg, quantize_like_onnxruntime(
+        out / "ptq_onnxruntime_accuracy" / "float.onnx",
+        out / "onnxruntime_quantize_static_accuracy.onnx",
+        Scenes(args.config, [], None)),
+        out, args.threads)
     graphs = {"float": float_graph, **{k: out / f"{k}_deployed" / "int8.onnx" for k in deployed},
               "onnxruntime_quantize_static": peer}
     latency = runtime.paired_latency(graphs, (1, 3, h, w), args.threads, args.runs)
@@ -121,6 +152,7 @@ def main() -> None:
         "accuracy_input": exports["ptq_onnxruntime"]["input_shape"],
         "pixels_compared": exports["ptq_onnxruntime"]["pixels_compared"],
         "metrics": {k: v["metrics"] for k, v in exports.items()},
+        "metric_onnxruntime_quantize_static": peer_accuracy,
         "integer_convs": {k: f"{v['optimized_int8_graph']['integer_convs']} of "
                              f"{v['optimized_int8_graph']['all_convs']}"
                           for k, v in exports.items()},

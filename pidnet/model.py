@@ -73,11 +73,11 @@ class Complement(nn.Module):
         return 1 - x
 
 
-class ChannelSum(nn.Module):
-    """Sum over channels, keeping the channel axis: the pixel attention's dot product."""
+class PixelAttention(nn.Module):
+    """``sigmoid(sum_c x * y)``: per pixel, how much ``x`` agrees with ``y`` (PagFM's gate)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sum(x, dim=1, keepdim=True)
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(torch.sum(x * y, dim=1, keepdim=True))
 
 
 class Resize(nn.Module):
@@ -245,16 +245,14 @@ class PagFM(nn.Module):
         self.f_y = _conv_bn(in_channels, mid_channels)
         self.resize_q = Resize()
         self.resize_y = Resize()
-        self.mul = Mul()
-        self.sum = ChannelSum()
-        self.gate = nn.Sigmoid()
+        self.attention = PixelAttention()
         self.blend = Blend()
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         size = (x.shape[-2], x.shape[-1])
         y_q = self.resize_q(self.f_y(y), size)
         x_k = self.f_x(x)
-        gate = self.gate(self.sum(self.mul(x_k, y_q)))
+        gate = self.attention(x_k, y_q)
         return self.blend(x, self.resize_y(y, size), gate)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import QuantConfig
 from ..errors import CheckpointError, ConfigError
-from ..model import Add, Blend, ChannelSum, Complement, Concat, Mul, Resize
+from ..model import Add, Blend, Complement, Concat, Mul, PixelAttention, Resize
 from .dataflow import Dataflow, forward_once, trace_dataflow
 
 logger = logging.getLogger(__name__)
@@ -69,8 +69,11 @@ class QuantComplement(_QuantOutput, Complement):
     """``q(1 - x)``: the float subtraction's output feeds an integer multiply."""
 
 
-class QuantChannelSum(_QuantOutput, ChannelSum):
-    """``q(sum(x))``: the float reduction's output feeds an integer sigmoid."""
+class QuantPixelAttention(_QuantOutput, PixelAttention):
+    """``q(gate)``, unsigned. The dot product inside stays float: 8-bit per-tensor ranges on
+    the product and on its channel sum (values in the thousands) took the demo's PIDNet-S from
+    67.96 to 56.25 and 51.86 mIoU with max calibration, and onnxruntime runs them in float on
+    a map of few channels."""
 
 
 class QuantResize(_QuantOutput, Resize):
@@ -104,7 +107,7 @@ warnings.filterwarnings("ignore", message="Distributed training is initialized b
 for _original, _quantized in ((Add, QuantAdd), (Blend, QuantBlend), (nn.ReLU, QuantReLU),
                               (nn.Sigmoid, QuantSigmoid), (Mul, QuantMul),
                               (Concat, QuantConcat), (Complement, QuantComplement),
-                              (ChannelSum, QuantChannelSum), (Resize, QuantResize)):
+                              (PixelAttention, QuantPixelAttention), (Resize, QuantResize)):
     if _original not in QuantModuleRegistry:
         mtq.register(original_cls=_original, quantized_cls=_quantized)
 
@@ -197,6 +200,7 @@ def _place_at_producers(model: nn.Module, flow: Dataflow, qcfg: QuantConfig,
     reader, any other op after the ReLU that is; ReLU and sigmoid outputs are unsigned. A
     module whose input its producer already quantizes gets no input quantizer, so each tensor
     carries one Q/DQ pair."""
+    unsigned_kinds = (nn.ReLU, nn.Sigmoid, PixelAttention)
     modules = dict(model.named_modules())
     quantized: set[str] = set()
     for name, module in modules.items():
@@ -214,7 +218,7 @@ def _place_at_producers(model: nn.Module, flow: Dataflow, qcfg: QuantConfig,
         inner = [getattr(module, attr) for attr in getattr(module, "inner_quantizers", ())]
         for q in [*inner, modules[end].output_quantizer]:
             unsigned = q is modules[end].output_quantizer and \
-                isinstance(modules[end], (nn.ReLU, nn.Sigmoid))
+                isinstance(modules[end], unsigned_kinds)
             q.set_from_attribute_config({"num_bits": qcfg.act_bits, "axis": None,
                                          "unsigned": unsigned, "pass_through_bwd": False})
             q.enable()
