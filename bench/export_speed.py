@@ -12,7 +12,8 @@ and against onnxruntime's own static quantization of the same float graph, in on
    (QDQ, per-channel int8 weights, uint8 activations, MinMax over calibration scenes); and the
    same at the validated size from the scenes calibrate.py read, scored on the same val
    scenes as ours (its metric: is ours as accurate as onnxruntime's own quantization?).
-3. Latency of every deployed-size graph, interleaved, paired medians, ``--threads`` threads.
+3. Latency of every deployed-size graph, interleaved in blocks, paired medians, ``--threads``
+   threads; then onnxruntime's profiler splits the float, our INT8 and the peer's time by op.
 
 Goals (issue 9): INT8 (onnxruntime placement) at least 2.5x float and at least the peer, with
 pixel agreement at least 99.5%. Figures: bench/results/export_speed.json.
@@ -139,12 +140,15 @@ def main() -> None:
               "onnxruntime_quantize_static": peer}
     latency = runtime.paired_latency(graphs, (1, 3, h, w), args.threads, args.runs)
     speed = latency["speedup_over_float"]
+    # where each graph's time goes (onnxruntime's profiler), outside the timed runs
+    op_ms = {k: runtime.op_times(graphs[k], (1, 3, h, w), args.threads)
+             for k in ("float", "ptq_onnxruntime", "onnxruntime_quantize_static")}
     ours = speed["ptq_onnxruntime"]
     result = {
         "command": f"python -m bench.export_speed --weights {args.weights}"
                    + (f" --qat {args.qat}" if args.qat else ""),
         "versions": versions(), "cpu_count": os.cpu_count(), "input": [1, 3, h, w],
-        "latency": latency,
+        "latency": latency, "op_ms_per_run": op_ms,
         "agreement": {k: v["agreement"] for k, v in exports.items()},
         "agreement_at_deployed_size": {k: v["agreement"] for k, v in deployed.items()},
         "agreement_folded_pytorch": {k: v["agreement_folded_pytorch"]

@@ -3,6 +3,7 @@ Q/DQ nodes, and float-vs-INT8 latency measured in one interleaved run."""
 from __future__ import annotations
 
 import collections
+import json
 import statistics
 import tempfile
 import time
@@ -124,6 +125,35 @@ def paired_latency(paths: dict[str, str | Path], shape: tuple[int, ...], threads
                                      for k in names},
             "runs": len(times[base]), "block": block, "settle": settle, "threads": threads,
             "shape": list(shape)}
+
+
+def op_times(path: str | Path, shape: tuple[int, ...], threads: int, runs: int = 10,
+             seed: int = 0) -> dict[str, float]:
+    """Milliseconds per run spent in each op type of the graph onnxruntime runs, from its
+    profiler (each node's median over ``runs`` runs and a warm-up), most expensive first:
+    where the time of a graph goes."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name:
+                np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+        for _ in range(runs + 1):
+            sess.run(None, feed)
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    nodes: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            nodes[event["args"]["op_name"], event["name"]].append(event["dur"] / 1000)
+    totals: collections.Counter[str] = collections.Counter()
+    for (op, _node), durations in nodes.items():
+        totals[op] += statistics.median(durations)
+    return {op: round(ms, 3) for op, ms in totals.most_common()}
 
 
 def activations_to_uint8(path: str | Path) -> int:

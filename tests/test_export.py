@@ -83,6 +83,9 @@ def test_export_places_qdq_by_target_and_matches_pytorch(tmp_path, tiny_float_we
     latency = results["latency"]          # 3 runs asked: one block of 5 timed runs per graph
     assert latency["runs"] == 5 and latency["speedup_over_float"]["float"] == 1.0
     assert set(latency["median_ms"]) == {"float", "int8"}
+    ops = runtime.op_times(out / "int8.onnx", (1, 3, 64, 128), 1, runs=2)
+    integer = "QLinearConv" if target == "onnxruntime" else "Conv"
+    assert ops[integer] > 0 and list(ops.values()) == sorted(ops.values(), reverse=True)
     graph = Graph(out / "int8.onnx")
     assert graph.ops("QuantizeLinear") and graph.ops("DequantizeLinear")
     for axis, scales in _weight_dq_axes(graph):            # per output channel, axis 0
