@@ -24,17 +24,28 @@ QUANTIZABLE = ("Conv", "MatMul", "Gemm", "Add", "Mul", "Sigmoid", "Concat", "Ave
                "GlobalAveragePool")
 
 
-def session(path: str | Path, threads: int, optimized_path: str | Path | None = None
-            ) -> ort.InferenceSession:
-    """A CPU session with every graph optimization on and ``threads`` intra-op threads."""
+def session(path: str | Path, threads: int, optimized_path: str | Path | None = None,
+            level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            profile_prefix: str | Path | None = None) -> ort.InferenceSession:
+    """A CPU session with ``threads`` intra-op threads and graph optimization at ``level``
+    (all of it by default); optionally writing the optimized graph to ``optimized_path`` or
+    profiling every run into files starting with ``profile_prefix``."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = level
     options.log_severity_level = 3
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def random_input(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """The float32 standard-normal input every timing feeds."""
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
 def run(sess: ort.InferenceSession, x: torch.Tensor) -> torch.Tensor:
@@ -70,12 +81,7 @@ def optimized_ops(path: str | Path, threads: int) -> dict[str, Any]:
     quantizable ops left in float."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "optimized.onnx"
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        options.optimized_model_filepath = str(out)
-        options.log_severity_level = 3
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session(path, threads, out, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
         graph = onnx.load(str(out)).graph
     counts = collections.Counter(n.op_type for n in graph.node)
     return {"integer": {k: counts[k] for k in INTEGER_OPS if counts[k]},
@@ -100,7 +106,7 @@ def paired_latency(paths: dict[str, str | Path], shape: tuple[int, ...], threads
     run, PIDNet-S at 128x256 timed 17-27 ms float and 9-14 ms INT8, against 6.9 and 3.5 ms
     back to back, which is how a deployed model runs."""
     sessions = {k: session(p, threads) for k, p in paths.items()}
-    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    x = random_input(shape, seed)
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
     names = list(sessions)
     rounds: list[dict[str, float]] = []
@@ -132,17 +138,9 @@ def op_times(path: str | Path, shape: tuple[int, ...], threads: int, runs: int =
     """Milliseconds per run spent in each op type of the graph onnxruntime runs, from its
     profiler (each node's median over ``runs`` runs and a warm-up), most expensive first:
     where the time of a graph goes."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    options.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feed = {sess.get_inputs()[0].name:
-                np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
+        sess = session(path, threads, profile_prefix=Path(tmp) / "profile")
+        feed = {sess.get_inputs()[0].name: random_input(shape, seed)}
         for _ in range(runs + 1):
             sess.run(None, feed)
         events = json.loads(Path(sess.end_profiling()).read_text())

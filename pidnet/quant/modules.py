@@ -39,7 +39,10 @@ class QuantAdd(Add):
 
 class _QuantOutput:
     """Mixin for a parameter-free op whose output the onnxruntime placement may quantize
-    (the quantizer stays off otherwise), so onnxruntime runs the op as an integer kernel."""
+    (the quantizer stays off otherwise), so onnxruntime runs the op as an integer kernel.
+    ``unsigned_output``: the output is never negative, so it is quantized unsigned."""
+
+    unsigned_output = False
 
     def _setup(self) -> None:
         self.output_quantizer = TensorQuantizer()
@@ -52,9 +55,13 @@ class QuantReLU(_QuantOutput, nn.ReLU):
     """``q(relu(x))``: under the onnxruntime placement the ReLU output is quantized unsigned,
     so onnxruntime drops the ReLU into the integer kernel before it."""
 
+    unsigned_output = True
+
 
 class QuantSigmoid(_QuantOutput, nn.Sigmoid):
     """``q(sigmoid(x))``, unsigned under the onnxruntime placement (QLinearSigmoid)."""
+
+    unsigned_output = True
 
 
 class QuantMul(_QuantOutput, Mul):
@@ -74,6 +81,8 @@ class QuantPixelAttention(_QuantOutput, PixelAttention):
     the product and on its channel sum (values in the thousands) took the demo's PIDNet-S from
     67.96 to 56.25 and 51.86 mIoU with max calibration, and onnxruntime runs them in float on
     a map of few channels."""
+
+    unsigned_output = True
 
 
 class QuantResize(_QuantOutput, Resize):
@@ -197,10 +206,10 @@ def _place_at_producers(model: nn.Module, flow: Dataflow, qcfg: QuantConfig,
     linear layers, adds, products, sigmoids, ReLUs, concatenations, pooling, resizes), as
     onnxruntime's integer kernels need a quantized input, weight and output. A convolution or
     linear layer quantizes after the batch norm and ReLU that follow it when they are its only
-    reader, any other op after the ReLU that is; ReLU and sigmoid outputs are unsigned. A
-    module whose input its producer already quantizes gets no input quantizer, so each tensor
-    carries one Q/DQ pair."""
-    unsigned_kinds = (nn.ReLU, nn.Sigmoid, PixelAttention)
+    reader, any other op after the ReLU that is; outputs that are never negative (twins with
+    ``unsigned_output``: ReLU, sigmoid, the pixel attention) are unsigned. A module whose
+    input its producer already quantizes gets no input quantizer, so each tensor carries one
+    Q/DQ pair."""
     modules = dict(model.named_modules())
     quantized: set[str] = set()
     for name, module in modules.items():
@@ -218,7 +227,7 @@ def _place_at_producers(model: nn.Module, flow: Dataflow, qcfg: QuantConfig,
         inner = [getattr(module, attr) for attr in getattr(module, "inner_quantizers", ())]
         for q in [*inner, modules[end].output_quantizer]:
             unsigned = q is modules[end].output_quantizer and \
-                isinstance(modules[end], unsigned_kinds)
+                getattr(modules[end], "unsigned_output", False)
             q.set_from_attribute_config({"num_bits": qcfg.act_bits, "axis": None,
                                          "unsigned": unsigned, "pass_through_bwd": False})
             q.enable()
