@@ -188,3 +188,38 @@ def test_onnxruntime_placement_quantizes_each_tensor_once_at_its_producer():
         n for n, q in quant.quantizers(model).items() if q.is_enabled}
     with torch.no_grad():
         assert torch.equal(model(x), restored(x))
+
+
+def test_gates_start_at_their_known_range_and_direct_keeps_it():
+    """Sigmoid gates and their complements lie in [0, 1] by construction: the onnxruntime
+    placement gives their quantizers amax 1 before any data, which direct mode's data-free
+    start keeps (every other activation starts at direct_init_amax); calibration replaces it."""
+    torch.manual_seed(0)
+    x = 0.01 * torch.randn(1, 3, 64, 64)   # small: the untrained gates do not saturate
+    model = quant.insert_quantizers(create_model("pidnet_s", 8).eval(), QuantConfig(),
+                                    "onnxruntime", x)
+    preset = {n: float(q.amax) for n, q in quant.activation_quantizers(model).items()
+              if q.amax is not None}
+    assert preset == {n: 1.0 for n in (
+        "dfm.edge.output_quantizer", "dfm.complement.output_quantizer",
+        "pag3.attention.output_quantizer", "pag3.blend.complement_quantizer",
+        "pag4.attention.output_quantizer", "pag4.blend.complement_quantizer")}
+    quant.make_ranges_learnable(model, "fixed", 4.0)
+    amax = {n: float(q.amax) for n, q in quant.activation_quantizers(model).items()}
+    assert all(amax[n] == (1.0 if n in preset else 4.0) for n in amax) and len(amax) > 100
+    net = create_model("pidnet_s", 8).eval()
+    seen = []
+    hook = net.dfm.edge.register_forward_hook(lambda m, i, out: seen.append(out.abs().max()))
+    with torch.no_grad():
+        net(x)
+    hook.remove()
+    calibrated = quant.insert_quantizers(net, QuantConfig(), "onnxruntime", x)
+    quant.apply_ranges(calibrated, quant.collect_stats(calibrated, [(x, None)],
+                                                       torch.device("cpu")), "max")
+    # the data's max replaces the preset bound
+    assert float(seen[0]) < 0.99
+    assert float(calibrated.dfm.edge.output_quantizer.amax) == pytest.approx(float(seen[0]),
+                                                                            rel=1e-3)  # a bin edge
+    trt = quant.insert_quantizers(create_model("pidnet_s", 8).eval(), QuantConfig(),
+                                  "tensorrt", x)
+    assert not trt.dfm.edge.output_quantizer.is_enabled

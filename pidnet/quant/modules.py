@@ -40,9 +40,13 @@ class QuantAdd(Add):
 class _QuantOutput:
     """Mixin for a parameter-free op whose output the onnxruntime placement may quantize
     (the quantizer stays off otherwise), so onnxruntime runs the op as an integer kernel.
-    ``unsigned_output``: the output is never negative, so it is quantized unsigned."""
+    ``unsigned_output``: the output is never negative, so it is quantized unsigned.
+    ``known_amax``: quantizers (by attribute) whose input is bounded by construction, with
+    that bound: their range before any data, which ``direct`` mode starts from (calibration
+    and ``stats`` replace it with the data's)."""
 
     unsigned_output = False
+    known_amax: dict[str, float] = {}
 
     def _setup(self) -> None:
         self.output_quantizer = TensorQuantizer()
@@ -62,6 +66,7 @@ class QuantSigmoid(_QuantOutput, nn.Sigmoid):
     """``q(sigmoid(x))``, unsigned under the onnxruntime placement (QLinearSigmoid)."""
 
     unsigned_output = True
+    known_amax = {"output_quantizer": 1.0}
 
 
 class QuantMul(_QuantOutput, Mul):
@@ -75,6 +80,8 @@ class QuantConcat(_QuantOutput, Concat):
 class QuantComplement(_QuantOutput, Complement):
     """``q(1 - x)``: the float subtraction's output feeds an integer multiply."""
 
+    known_amax = {"output_quantizer": 1.0}   # 1 - gate, the gate in [0, 1]
+
 
 class QuantPixelAttention(_QuantOutput, PixelAttention):
     """``q(gate)``, unsigned. The dot product inside stays float: 8-bit per-tensor ranges on
@@ -83,6 +90,7 @@ class QuantPixelAttention(_QuantOutput, PixelAttention):
     a map of few channels."""
 
     unsigned_output = True
+    known_amax = {"output_quantizer": 1.0}
 
 
 class QuantResize(_QuantOutput, Resize):
@@ -96,6 +104,7 @@ class QuantBlend(Blend):
     blend runs as an integer kernel."""
 
     inner_quantizers = ("complement_quantizer", "x_product_quantizer", "y_product_quantizer")
+    known_amax = {"complement_quantizer": 1.0}   # 1 - gate, the gate in [0, 1]
 
     def _setup(self) -> None:
         for name in ("x_quantizer", "y_quantizer", *self.inner_quantizers, "output_quantizer"):
@@ -207,7 +216,8 @@ def _place_at_producers(model: nn.Module, flow: Dataflow, qcfg: QuantConfig,
     onnxruntime's integer kernels need a quantized input, weight and output. A convolution or
     linear layer quantizes after the batch norm and ReLU that follow it when they are its only
     reader, any other op after the ReLU that is; outputs that are never negative (twins with
-    ``unsigned_output``: ReLU, sigmoid, the pixel attention) are unsigned. A module whose
+    ``unsigned_output``: ReLU, sigmoid, the pixel attention) are unsigned, and a range known by
+    construction (``known_amax``: a sigmoid's 1) is set before any data. A module whose
     input its producer already quantizes gets no input quantizer, so each tensor carries one
     Q/DQ pair."""
     modules = dict(model.named_modules())
@@ -224,13 +234,15 @@ def _place_at_producers(model: nn.Module, flow: Dataflow, qcfg: QuantConfig,
             end = flow.sole_reader(end, modules, nn.ReLU) or end
         if end in excluded or not hasattr(modules[end], "output_quantizer"):
             continue
-        inner = [getattr(module, attr) for attr in getattr(module, "inner_quantizers", ())]
-        for q in [*inner, modules[end].output_quantizer]:
-            unsigned = q is modules[end].output_quantizer and \
-                getattr(modules[end], "unsigned_output", False)
+        inner = [(module, attr) for attr in getattr(module, "inner_quantizers", ())]
+        for owner, attr in [*inner, (modules[end], "output_quantizer")]:
+            q = getattr(owner, attr)
+            unsigned = attr == "output_quantizer" and getattr(owner, "unsigned_output", False)
             q.set_from_attribute_config({"num_bits": qcfg.act_bits, "axis": None,
                                          "unsigned": unsigned, "pass_through_bwd": False})
             q.enable()
+            if attr in getattr(owner, "known_amax", {}):
+                q.amax = torch.tensor(owner.known_amax[attr])
         quantized.add(end)
     for name, module in modules.items():
         for attr, position in _INPUT_QUANTIZERS.items():
