@@ -34,3 +34,16 @@ def test_goals_follow_the_issue_definitions():
     direct = next(r for r in rows if r["setting"] == "w4a4" and r["run"] == "qat direct")
     assert direct["mean"] == pytest.approx(68.5) and direct["std"] == pytest.approx(0.7071, 1e-3)
     assert any(r["run"] == "ptq mse *" for r in rows if r["setting"] == "w4a4")
+
+
+def test_epochs_per_setting_override_the_defaults():
+    import argparse
+
+    from bench.qat_modes import EPOCHS, parse_epochs
+
+    parser = argparse.ArgumentParser()
+    assert parse_epochs(["w4a4=7"], parser) == {**EPOCHS, "w4a4": 7}
+    assert parse_epochs(["5", "w8a8=2"], parser) == {"w8a8": 2, "w4a8": 5, "w4a4": 5}
+    for bad in ("w2a2=3", "w4a4=0", "w4a4=x"):
+        with pytest.raises(SystemExit):
+            parse_epochs([bad], parser)
