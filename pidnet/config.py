@@ -116,7 +116,8 @@ class QatConfig:
                                     # (max: the raw max; percentile | mse | entropy: tighter),
                                     # tracked as the batch max scaled by start / observed max
     direct_init: str = "fixed"      # direct: lsq (2 mean|x| / sqrt(Q_P) on the first training
-                                    # batch, Esser et al. 2020) | fixed (direct_init_amax)
+                                    # batch, Esser et al. 2020) | fixed (direct_init_amax;
+                                    # gates at their known range, 1)
     direct_init_amax: float = ranged(4.0, above=0)   # direct, fixed: data-free starting range
     learn_weight_ranges: bool = False   # every mode: weight step sizes learned too (LSQ)
     range_lr_scale: float = ranged(10.0, above=0)    # learning rate of learned ranges / qat.lr

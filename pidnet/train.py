@@ -7,7 +7,8 @@
                    frozen for the last ``qat.freeze_ranges_epochs``.
 ``--mode direct``  no calibration pass: ranges are learned by gradient (LSQ), starting from
                    LSQ's initialisation on the first training batch (``qat.direct_init: lsq``)
-                   or at ``qat.direct_init_amax`` with no data at all (``fixed``).
+                   or at ``qat.direct_init_amax`` with no data at all (``fixed``; sigmoid
+                   gates and their complements start at their known range, 1).
 
 All modes share one loop, evaluate every epoch, keep ``best.pt`` and ``last.pt`` and resume.
 QAT modes read ``qat.*`` in place of ``train.*`` (the hooks see them as ``train.lr`` etc.), and
