@@ -137,7 +137,7 @@ class Bench:
     def train(self, setting: str, run: str, seed: int, epochs: int, train_images: int,
               ptq_method: str) -> dict[str, Any]:
         """One training through qat_train.py, then its final model on the report split."""
-        # the control has no quantizers: one run per seed serves every bit setting
+        # the control has no quantizers: one run per seed and epoch count serves every setting
         out = (self.out / f"control_{epochs}ep_seed{seed}" if run == "control"
                else self.out / setting / f"{run}_seed{seed}")
         if (done := _load_json(out / "bench.json")) is not None:

@@ -1,9 +1,11 @@
-"""The QAT benchmark's goal arithmetic (bench.qat_modes.summarize) on known figures."""
+"""The QAT benchmark's arithmetic on known figures: goals (summarize), epochs per setting."""
 from __future__ import annotations
+
+import argparse
 
 import pytest
 
-from bench.qat_modes import summarize
+from bench.qat_modes import EPOCHS, parse_epochs, summarize
 
 
 def _runs(**means):
@@ -37,10 +39,6 @@ def test_goals_follow_the_issue_definitions():
 
 
 def test_epochs_per_setting_override_the_defaults():
-    import argparse
-
-    from bench.qat_modes import EPOCHS, parse_epochs
-
     parser = argparse.ArgumentParser()
     assert parse_epochs(["w4a4=7"], parser) == {**EPOCHS, "w4a4": 7}
     assert parse_epochs(["5", "w8a8=2"], parser) == {"w8a8": 2, "w4a8": 5, "w4a4": 5}
