@@ -77,8 +77,7 @@ def quantize_like_onnxruntime(float_graph: Path, path: Path, scenes: Scenes) -> 
 def peer_metric(cfg: Config, graph: Path, out: Path, threads: int) -> float:
     """The config's metric of ``graph`` on the val scenes export_onnx.py checks ours on."""
     session = Session(cfg, out, load_hooks(cfg.hooks), torch.device("cpu"))
-    batches = FixedBatches(session.hooks.get_data_loader(cfg, "val"), cfg.export.eval_batches,
-                           session.device, cfg.seed)
+    batches = FixedBatches.val(session, cfg.export.eval_batches)
     model = runtime.OrtModel(runtime.session(graph, threads), 1)
     scores = evaluate_model(session, model, batches, build_criterion(session))
     return scores[pick_metric(scores, cfg.metric)[0]]

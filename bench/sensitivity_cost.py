@@ -44,8 +44,7 @@ def sweep_ratio(config: Path, checkpoint: Path, batches: int, repeats: int) -> d
     session = Session(cfg, Path(tempfile.mkdtemp()), load_hooks(cfg.hooks), torch.device("cpu"))
     model = load_quantized(session, checkpoint)
     criterion = build_criterion(session)
-    data = FixedBatches(session.hooks.get_data_loader(cfg, "val"), batches, session.device,
-                        cfg.seed)
+    data = FixedBatches.val(session, batches)
     layers = quant.execution_order(model, next(iter(data))[0])
 
     def measure() -> float:

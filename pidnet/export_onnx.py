@@ -88,8 +88,7 @@ def _export(args: argparse.Namespace) -> None:
     cfg, out, exp = session.cfg, session.out, session.cfg.export
     model = restore_checkpoint(session, checked["ckpt"]).eval()
     criterion = build_criterion(session)
-    batches = FixedBatches(session.hooks.get_data_loader(cfg, "val"), exp.eval_batches,
-                           session.device, cfg.seed)
+    batches = FixedBatches.val(session, exp.eval_batches)
     first = to_device(next(iter(batches))[0], torch.device("cpu"))
     if exp.input_size is not None and list(first.shape[-2:]) != exp.input_size:
         batches = Resized(batches, exp.input_size)   # the check runs at the deployed size

@@ -88,6 +88,12 @@ class FixedBatches:
             if not self._source:
                 raise DataError("the val loader yielded no batches; check get_data_loader")
 
+    @classmethod
+    def val(cls, session: Session, num_batches: int | None) -> FixedBatches:
+        """The first ``num_batches`` of the hooks' val split, seeded by the config."""
+        return cls(session.hooks.get_data_loader(session.cfg, "val"), num_batches,
+                   session.device, session.cfg.seed)
+
     def __iter__(self) -> Iterator:
         return iter(self._source)
 

@@ -108,8 +108,7 @@ def _analyse(args: argparse.Namespace) -> None:
 
     model, source = quantized_model(session)
     criterion = build_criterion(session)
-    batches = FixedBatches(session.hooks.get_data_loader(cfg, "val"),
-                           cfg.sensitivity.num_batches, session.device, cfg.seed)
+    batches = FixedBatches.val(session, cfg.sensitivity.num_batches)
     first = next(iter(batches))[0]
     layers = quant.execution_order(model, to_device(first, session.device))
 
