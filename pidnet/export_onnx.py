@@ -104,9 +104,12 @@ def _export(args: argparse.Namespace) -> None:
                                         exp.dynamic_batch),
              "int8": quant.export_onnx(deployed, example, out / "int8.onnx", exp.opset,
                                        exp.dynamic_batch)}
+    rewrites: dict[str, int] = {}
     if exp.target == "onnxruntime":   # TensorRT's INT8 is signed: its graph keeps int8
-        converted = runtime.activations_to_uint8(paths["int8"])
-        logger.info("%d activation Q/DQ pairs as uint8 (zero point 128)", converted)
+        rewrites = runtime.rewrite_for_onnxruntime(paths["int8"])
+        logger.info("for onnxruntime: %d activation Q/DQ pairs as uint8 (zero point 128), %d "
+                    "batch norms and complements as integer depthwise convolutions, %d "
+                    "convolutions' input channels padded to fours", *rewrites.values())
     logger.info("wrote %s and %s (%d batch norms folded)", paths["float"], paths["int8"],
                 len(folded))
 
@@ -157,7 +160,8 @@ def _export(args: argparse.Namespace) -> None:
     results = {"script": "export_onnx", "target": exp.target, "metric": name,
                "graphs": {k: str(p) for k, p in paths.items()}, "input_shape": shape,
                "dynamic_batch": exp.dynamic_batch, "opset": exp.opset,
-               "folded_batch_norms": len(folded), "agreement": agreement,
+               "folded_batch_norms": len(folded), "onnxruntime_rewrites": rewrites,
+               "agreement": agreement,
                "min_agreement": exp.min_agreement, "pixels_compared": total,
                "agreement_folded_pytorch": folded_agreement,
                "agreement_perturbed_input_pytorch": perturbed_agreement,

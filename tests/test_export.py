@@ -146,13 +146,19 @@ def test_pidnet_ops_between_convolutions_follow_the_target(tmp_path, target):
     # an untrained network's argmax is fragile: the agreement gate may fail (exit 3)
     assert export_main(["--config", str(cfg), "--set",
                         f"model_path={tmp_path / 'cal' / 'quantized.pt'}"]) in (0, 3)
-    graph = json.loads((tmp_path / "run" / "results.json").read_text())["optimized_int8_graph"]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    graph = results["optimized_int8_graph"]
     between = {"Mul": 8, "Sigmoid": 3, "Concat": 2, "AveragePool": 3, "GlobalAveragePool": 1}
     if target == "onnxruntime":
         attention = {"Mul": 2, "Sigmoid": 2}
         assert graph["float"] == attention
-        assert graph["integer_convs"] == graph["all_convs"] == 75
-        assert graph["integer"] == {"QLinearConv": 75, "QLinearAdd": 32, **{
+        # the 9 batch norms after no convolution (PAPPM 8, head 1) and the 3 complements run
+        # as integer depthwise convolutions beside the model's 75
+        assert results["onnxruntime_rewrites"]["affine_ops_as_depthwise"] == 12
+        exported = Graph(tmp_path / "run" / "int8.onnx")
+        assert not exported.ops("BatchNormalization") and not exported.ops("Sub")
+        assert graph["integer_convs"] == graph["all_convs"] == 75 + 12
+        assert graph["integer"] == {"QLinearConv": 75 + 12, "QLinearAdd": 32, **{
             f"QLinear{op}": n - attention.get(op, 0) for op, n in between.items()}}
     else:
         assert {op: graph["float"].get(op) for op in between} == between
@@ -212,3 +218,131 @@ def test_uint8_activations_give_identical_outputs(tmp_path, tiny_float_weights):
     x = torch.randn(1, 3, 64, 128)
     assert torch.equal(runtime.run(runtime.session(signed, 1), x),
                        runtime.run(runtime.session(unsigned, 1), x))
+
+
+def _affine_island_graph(path, channels=4):
+    """input -> Q/DQ -> BatchNormalization -> Relu -> Q/DQ -> out_bn, and the same DQ ->
+    1 - x -> Q/DQ -> out_complement, and a BatchNormalization read in float -> out_float:
+    the float islands onnxruntime runs as DequantizeLinear, a float op, QuantizeLinear."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    gamma = (rng.uniform(0.2, 2.0, channels) * rng.choice([-1, 1], channels)).astype(np.float32)
+    inits = {"x_scale": np.float32(0.05), "x_zero": np.uint8(128),
+             "gamma": gamma, "beta": rng.normal(size=channels).astype(np.float32),
+             "mean": rng.normal(size=channels).astype(np.float32),
+             "var": rng.uniform(0.5, 2.0, channels).astype(np.float32),
+             "y_scale": np.float32(0.03), "y_zero": np.uint8(0), "c_zero": np.uint8(128),
+             "one": np.float32(1.0)}
+    nodes = [helper.make_node("QuantizeLinear", ["input", "x_scale", "x_zero"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["x"]),
+             helper.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"],
+                              ["bn"], name="bn"),
+             helper.make_node("Relu", ["bn"], ["relu"]),
+             helper.make_node("QuantizeLinear", ["relu", "y_scale", "y_zero"], ["bnq"]),
+             helper.make_node("DequantizeLinear", ["bnq", "y_scale", "y_zero"], ["out_bn"]),
+             helper.make_node("Sub", ["one", "x"], ["complement"], name="complement"),
+             helper.make_node("QuantizeLinear", ["complement", "x_scale", "c_zero"], ["cq"]),
+             helper.make_node("DequantizeLinear", ["cq", "x_scale", "c_zero"],
+                              ["out_complement"]),
+             helper.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"],
+                              ["out_float"], name="bn_read_in_float")]
+    shape = [1, channels, 8, 8]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
+               for n in ("out_bn", "out_complement", "out_float")]
+    graph = helper.make_graph(
+        nodes, "islands", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+        outputs, [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return inits
+
+
+def test_affine_float_islands_become_exact_integer_depthwise_convolutions(tmp_path):
+    """A batch norm after no convolution (through a ReLU) and ``1 - x``, each between a
+    DequantizeLinear and a QuantizeLinear, become 1x1 depthwise convolutions with int8 weights
+    of +-127 (the per-channel factor exactly) that onnxruntime fuses into QLinearConv; their
+    quantized outputs equal the float islands' to one step. A batch norm read in float stays."""
+    import onnxruntime as ort
+
+    path, original = tmp_path / "islands.onnx", tmp_path / "original.onnx"
+    inits = _affine_island_graph(path)
+    _affine_island_graph(original)
+    assert runtime.affine_ops_to_depthwise(path) == 2
+    graph = Graph(path)
+    assert [n.name for n in graph.ops("BatchNormalization")] == ["bn_read_in_float"]
+    assert not graph.ops("Sub")
+    convs = graph.ops("Conv")
+    assert len(convs) == 2
+    scale = inits["gamma"] / np.sqrt(inits["var"] + 1e-5)
+    for conv, factor in zip(convs, (scale, -np.ones(4))):
+        assert {a.name: a.i for a in conv.attribute}["group"] == 4
+        weight_dq = graph.producer[conv.input[1]]
+        q = graph.constant(weight_dq.input[0]).ravel()
+        assert set(np.abs(q)) == {127}
+        w = q * graph.constant(weight_dq.input[1])
+        np.testing.assert_allclose(w, factor, rtol=1e-6)
+        assert graph.constant(graph.producer[conv.input[2]].input[0]).dtype == np.int32
+    ops = runtime.optimized_ops(path, 1)
+    assert ops["integer"] == {"QLinearConv": 2} and ops["integer_convs"] == 2
+
+    x = torch.randn(1, 4, 8, 8) * 3
+    reference = runtime.session(original, 1, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    want = reference.run(None, {"input": x.numpy()})
+    got = runtime.session(path, 1).run(None, {"input": x.numpy()})
+    for name, w, g, step in zip(("bn", "complement", "float"), want, got,
+                                (inits["y_scale"], inits["x_scale"], 0)):
+        assert np.abs(g - w).max() <= step + 1e-5, name
+        assert (g == w).mean() >= 0.99, name
+
+
+def _rgb_conv_graph(path):
+    """input (3 channels) -> Q/DQ -> Conv (per-channel int8 weights) -> Q/DQ -> out, the same
+    DQ also read by a Relu -> out_shared."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(8, 3, 3, 3)).astype(np.float32)
+    inits = {"x_scale": np.float32(0.02), "x_zero": np.uint8(128), "w": weight,
+             "w_scale": (np.abs(weight).max(axis=(1, 2, 3)) / 127).astype(np.float32),
+             "w_zero": np.zeros(8, np.int8), "b": rng.normal(size=8).astype(np.float32),
+             "y_scale": np.float32(0.05), "y_zero": np.uint8(128)}
+    nodes = [helper.make_node("QuantizeLinear", ["input", "x_scale", "x_zero"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["x"]),
+             helper.make_node("QuantizeLinear", ["w", "w_scale", "w_zero"], ["wq"], axis=0),
+             helper.make_node("DequantizeLinear", ["wq", "w_scale", "w_zero"], ["wd"], axis=0),
+             helper.make_node("Conv", ["x", "wd", "b"], ["conv"], pads=[1, 1, 1, 1], name="stem"),
+             helper.make_node("QuantizeLinear", ["conv", "y_scale", "y_zero"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "y_scale", "y_zero"], ["out"]),
+             helper.make_node("Relu", ["x"], ["out_shared"])]
+    graph = helper.make_graph(
+        nodes, "rgb", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 16, 16]),
+         helper.make_tensor_value_info("out_shared", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return weight
+
+
+def test_rgb_conv_input_padded_to_four_channels_keeps_every_output(tmp_path):
+    path, original = tmp_path / "padded.onnx", tmp_path / "original.onnx"
+    weight = _rgb_conv_graph(path)
+    _rgb_conv_graph(original)
+    assert runtime.pad_conv_input_channels(path) == 1
+    assert runtime.pad_conv_input_channels(path) == 0             # already in fours
+    graph = Graph(path)
+    padded = graph.inits["w"]
+    assert padded.shape == (8, 4, 3, 3)
+    assert np.array_equal(padded[:, :3], weight) and not padded[:, 3].any()
+    (pad,) = graph.ops("Pad")
+    assert list(graph.constant(pad.input[1])) == [0, 0, 0, 0, 0, 1, 0, 0]
+    assert graph.constant(pad.input[2]) == 128                   # the input's zero point
+    assert graph.readers("x") == ["Relu"]                        # the other reader: unpadded
+    assert runtime.optimized_ops(path, 1)["integer"] == {"QLinearConv": 1}
+    x = np.random.default_rng(1).normal(size=(1, 3, 16, 16)).astype(np.float32)
+    for want, got in zip(runtime.session(original, 1).run(None, {"input": x}),
+                         runtime.session(path, 1).run(None, {"input": x})):
+        assert np.array_equal(want, got)
