@@ -115,6 +115,10 @@ class QatConfig:
     stats_range: str = "max"        # stats: the starting range from the observed histogram
                                     # (max: the raw max; percentile | mse | entropy: tighter),
                                     # tracked as the batch max scaled by start / observed max
+    stats_recalibrate: str = "auto"   # stats: when the ranges freeze, set them once more by
+                                      # stats_range on the trained network's float statistics
+                                      # (always | never; auto: at 8-bit activations, where float
+                                      # statistics describe what the quantizers see)
     direct_init: str = "fixed"      # direct: lsq (2 mean|x| / sqrt(Q_P) on the first training
                                     # batch, Esser et al. 2020) | fixed (direct_init_amax;
                                     # gates at their known range, 1)
@@ -177,6 +181,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "calib.methods": ("max", "percentile", "mse", "entropy"),
     "qat.stats_range": ("max", "percentile", "mse", "entropy"),
     "qat.direct_init": ("lsq", "fixed"),
+    "qat.stats_recalibrate": ("auto", "always", "never"),
     "sensitivity.direction": ("disable_one", "enable_one"),
     "export.target": ("tensorrt", "onnxruntime"),
 }

@@ -207,8 +207,9 @@ def activations_to_uint8(path: str | Path) -> int:
 def _per_channel_affine(node: Any, index: _GraphIndex, channels: dict[str, int]
                         ) -> tuple[str, np.ndarray, np.ndarray] | None:
     """(input, a, b) when ``node`` computes ``a * x + b`` per channel of its one non-constant
-    input x with constant a and b: an inference batch norm, or ``c - x`` for a scalar c."""
-    if node.op_type == "BatchNormalization":
+    input x, an image batch (``channels`` holds those), with constant a and b: an inference
+    batch norm, or ``c - x`` for a scalar c."""
+    if node.op_type == "BatchNormalization" and node.input[0] in channels:
         params = [index.constant(name) for name in node.input[1:5]]
         if any(p is None for p in params):
             return None
@@ -250,7 +251,7 @@ def affine_ops_to_depthwise(path: str | Path) -> int:
     graph = model.graph
     index = _GraphIndex(graph)
     channels = {v.name: v.type.tensor_type.shape.dim[1].dim_value for v in graph.value_info
-                if len(v.type.tensor_type.shape.dim) > 1
+                if len(v.type.tensor_type.shape.dim) == 4      # N, C, H, W: a 1x1 conv fits
                 and v.type.tensor_type.shape.dim[1].HasField("dim_value")}
     rewritten = 0
     for node in list(graph.node):
@@ -286,7 +287,8 @@ def affine_ops_to_depthwise(path: str | Path) -> int:
         for offset, made in enumerate(new):
             graph.node.insert(position + offset, made)
         rewritten += 1
-    used = {name for node in graph.node for name in node.input}
+    used = {name for node in graph.node for name in node.input} | \
+        {out.name for out in graph.output}
     for init in [i for i in graph.initializer if i.name not in used]:
         graph.initializer.remove(init)
     del graph.value_info[:]              # shapes inferred for the rewrite, not part of the file

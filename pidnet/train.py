@@ -122,6 +122,29 @@ def _prepare_qat(session: Session, model: nn.Module, mode: str, criterion: Calla
     return model, state
 
 
+def recalibrates(cfg: Config) -> bool:
+    """Whether ``stats`` mode recalibrates its ranges as they freeze (``qat.stats_recalibrate``;
+    auto: at 8-bit activations, where it helped PIDNet-S; at W4A4 it hurt, the float
+    statistics of a 4-bit network being far from what its quantizers see: config.yaml)."""
+    return cfg.qat.stats_recalibrate == "always" or (cfg.qat.stats_recalibrate == "auto"
+                                                 and cfg.quant.act_bits >= 8)
+
+
+def _recalibrate(session: Session, model: nn.Module) -> None:
+    """``stats`` with ``qat.stats_recalibrate``: the tracked ranges replaced, as they freeze,
+    by ``qat.stats_range`` on statistics of the trained network (merged over ranks). Runs at
+    the first frozen epoch only, so a resumed run keeps the ranges its checkpoint holds."""
+    from . import quant
+
+    cfg = session.cfg
+    stats = quant.merge_stats(quant.collect_stats(
+        model, session.hooks.get_data_loader(cfg, "calib"), session.device,
+        cfg.calib.num_batches, cfg.quant.num_bins))
+    quant.apply_ranges(model, stats, cfg.qat.stats_range, cfg.calib.percentile)
+    logger.info("stats: ranges recalibrated (%s) on the trained network as they freeze",
+                cfg.qat.stats_range)
+
+
 def _broadcast(params: list[nn.Parameter]) -> None:
     """Rank 0's values for every rank (ranges started from each rank's own batch)."""
     if world_size() > 1:
@@ -225,6 +248,8 @@ def _run(session: Session, args: argparse.Namespace) -> None:
         if qat and final_phase(cfg.qat.freeze_ranges_epochs):
             if state.tracker is not None:
                 state.tracker.freeze()
+                if recalibrates(cfg) and epoch == epochs - cfg.qat.freeze_ranges_epochs:
+                    _recalibrate(session, model)
             for p in state.range_params:
                 p.requires_grad_(False)
         stats = train_one_epoch(net, train_loader, criterion, optimizer, session.device, epoch,

@@ -220,13 +220,14 @@ def test_uint8_activations_give_identical_outputs(tmp_path, tiny_float_weights):
                        runtime.run(runtime.session(unsigned, 1), x))
 
 
-def _affine_island_graph(path, channels=4):
+def _affine_island_graph(path, shape=(1, 4, 8, 8)):
     """input -> Q/DQ -> BatchNormalization -> Relu -> Q/DQ -> out_bn, and the same DQ ->
     1 - x -> Q/DQ -> out_complement, and a BatchNormalization read in float -> out_float:
     the float islands onnxruntime runs as DequantizeLinear, a float op, QuantizeLinear."""
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
+    channels = shape[1]
     gamma = (rng.uniform(0.2, 2.0, channels) * rng.choice([-1, 1], channels)).astype(np.float32)
     inits = {"x_scale": np.float32(0.05), "x_zero": np.uint8(128),
              "gamma": gamma, "beta": rng.normal(size=channels).astype(np.float32),
@@ -247,7 +248,6 @@ def _affine_island_graph(path, channels=4):
                               ["out_complement"]),
              helper.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"],
                               ["out_float"], name="bn_read_in_float")]
-    shape = [1, channels, 8, 8]
     outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
                for n in ("out_bn", "out_complement", "out_float")]
     graph = helper.make_graph(
@@ -286,6 +286,9 @@ def test_affine_float_islands_become_exact_integer_depthwise_convolutions(tmp_pa
         assert graph.constant(graph.producer[conv.input[2]].input[0]).dtype == np.int32
     ops = runtime.optimized_ops(path, 1)
     assert ops["integer"] == {"QLinearConv": 2} and ops["integer_convs"] == 2
+    flat = tmp_path / "flat.onnx"             # (N, C) tensors: no 1x1 convolution fits them
+    _affine_island_graph(flat, shape=(1, 4))
+    assert runtime.affine_ops_to_depthwise(flat) == 0
 
     x = torch.randn(1, 4, 8, 8) * 3
     reference = runtime.session(original, 1, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)

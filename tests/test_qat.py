@@ -15,8 +15,8 @@ from pidnet import quant
 from pidnet.checkpoint import load_weights, read_checkpoint
 from pidnet.config import QuantConfig, load_config
 from pidnet.hooks import load_hooks
-from pidnet.pipeline import evaluate_model, load_quantized, start_session
-from pidnet.train import build_parser, main
+from pidnet.pipeline import Session, evaluate_model, load_quantized, start_session
+from pidnet.train import build_parser, main, recalibrates
 
 from .helpers import ROOT, TINY_HOOKS, TINY_NET_USER as USER, run_script, tiny_config
 
@@ -177,7 +177,8 @@ def test_a_tighter_start_keeps_its_ratio_to_the_batch_max():
 
 
 def test_stats_ranges_frozen_in_the_final_epoch(tmp_path, float_weights):
-    cfg = _qat_config(tmp_path, float_weights, epochs=3, freeze_ranges_epochs=2)
+    cfg = _qat_config(tmp_path, float_weights, epochs=3, freeze_ranges_epochs=2,
+                      stats_recalibrate="never")
     assert main(["--mode", "stats", "--config", str(cfg)]) == 0
     history = json.loads((tmp_path / "run" / "results.json").read_text())["epochs"]
     assert len(history) == 3
@@ -185,7 +186,8 @@ def test_stats_ranges_frozen_in_the_final_epoch(tmp_path, float_weights):
     # last two epochs were frozen. Re-run 1 epoch with the same seed to get epoch-1 ranges.
     one = tmp_path / "one"
     one.mkdir()
-    cfg1 = _qat_config(one, float_weights, epochs=3, freeze_ranges_epochs=2)
+    cfg1 = _qat_config(one, float_weights, epochs=3, freeze_ranges_epochs=2,
+                       stats_recalibrate="never")
     proc = subprocess.Popen([sys.executable, str(ROOT / "qat_train.py"), "--mode", "stats",
                              "--config", str(cfg1)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -197,6 +199,50 @@ def test_stats_ranges_frozen_in_the_final_epoch(tmp_path, float_weights):
     for key, value in first["model"].items():
         if key.endswith("input_quantizer._amax"):
             assert torch.equal(final[key], value), key
+
+
+def _final_ranges(out, float_weights, **qat):
+    """Train stats mode for 2 epochs (ranges frozen for the last, batch norm for both; PTQ
+    baseline with max, stats with entropy); the final model and its activation ranges."""
+    out.mkdir()
+    qat = {"epochs": 2, "lr": 0.02, "log_interval": 0, "freeze_ranges_epochs": 1,
+           "freeze_bn_epochs": 2, "stats_range": "entropy", **qat}
+    cfg = tiny_config(out, hooks=TINY_HOOKS, user=USER, model_path=str(float_weights),
+                      qat=qat, calib={"num_batches": 1, "method": "max"})
+    assert main(["--mode", "stats", "--config", str(cfg)]) == 0
+    config = load_config(cfg, [])
+    session = Session(config, out, load_hooks(config.hooks), torch.device("cpu"))
+    model = load_quantized(session, out / "run" / "last.pt").eval()
+    return session, model, {n: float(q.amax) for n, q in
+                            quant.activation_quantizers(model).items()}
+
+
+def test_stats_recalibrate_sets_the_frozen_ranges_from_the_trained_network(tmp_path,
+                                                                            float_weights):
+    """qat.stats_recalibrate replaces the tracked ranges as they freeze by stats_range on the
+    trained network's statistics (entropy here, not calib.method's max)."""
+    _, _, recalibrated = _final_ranges(tmp_path / "on", float_weights, stats_recalibrate="always")
+    _, _, tracked = _final_ranges(tmp_path / "off", float_weights, stats_recalibrate="never")
+    moved = [n for n in tracked if abs(recalibrated[n] / tracked[n] - 1) > 0.01]
+    assert len(moved) >= len(tracked) // 2
+    # with a learning rate of 1e-9 the network recalibrated is the final one
+    session, model, ranges = _final_ranges(tmp_path / "still", float_weights, lr=1e-9,
+                                           stats_recalibrate="always")
+    stats = quant.collect_stats(model, session.hooks.get_data_loader(session.cfg, "calib"),
+                                session.device, 1)
+    quant.apply_ranges(model, stats, "entropy")
+    for name, q in quant.activation_quantizers(model).items():
+        assert ranges[name] == pytest.approx(float(q.amax), rel=1e-4), name
+
+
+def test_stats_recalibrate_auto_means_8_bit_activations(tmp_path):
+    base = load_config(tiny_config(tmp_path), [])
+    for setting, act_bits, expected in (("auto", 8, True), ("auto", 4, False),
+                                        ("always", 4, True), ("never", 8, False)):
+        cfg = load_config(tiny_config(tmp_path), [f"qat.stats_recalibrate={setting}",
+                                                  f"quant.act_bits={act_bits}"])
+        assert recalibrates(cfg) is expected, (setting, act_bits)
+    assert base.qat.stats_recalibrate == "auto"
 
 
 def _kill_after_first_checkpoint(proc: subprocess.Popen, path) -> None:
