@@ -148,9 +148,18 @@ def quantized_copy_with_stats(session: Session, float_model: nn.Module, loader: 
                                     example_input(loader, session.device))
     model = model.to(session.device)
     start = time.perf_counter()
-    stats = quant.merge_stats(quant.collect_stats(model, loader, session.device,
-                                                  cfg.calib.num_batches, cfg.quant.num_bins))
+    stats = activation_stats(session, model, loader)
     return model, stats, time.perf_counter() - start
+
+
+def activation_stats(session: Session, model: nn.Module, loader: Iterable) -> dict[str, Any]:
+    """Float statistics of every activation quantizer's input over ``calib.num_batches`` of
+    ``loader``, merged across ranks: what ``quant.apply_ranges`` turns into ranges."""
+    from . import quant
+
+    cfg = session.cfg
+    return quant.merge_stats(quant.collect_stats(model, loader, session.device,
+                                                 cfg.calib.num_batches, cfg.quant.num_bins))
 
 
 def save_quantized(path: Path, model: nn.Module, cfg: Config, **info: Any) -> Path:

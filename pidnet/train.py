@@ -36,8 +36,9 @@ from .distributed import barrier, is_main, shutdown, world_size
 from .engine import build_scheduler, pick_metric, rng_state, set_rng_state, train_one_epoch
 from .errors import CheckpointError
 from .hooks import Hooks
-from .pipeline import (Session, build_criterion, build_model, evaluate_model, example_input,
-                       quantized_copy_with_stats, require_trained_model, start_session)
+from .pipeline import (Session, activation_stats, build_criterion, build_model, evaluate_model,
+                       example_input, quantized_copy_with_stats, require_trained_model,
+                       start_session)
 from .reports import write_csv, write_json
 
 logger = logging.getLogger(__name__)
@@ -137,9 +138,7 @@ def _recalibrate(session: Session, model: nn.Module) -> None:
     from . import quant
 
     cfg = session.cfg
-    stats = quant.merge_stats(quant.collect_stats(
-        model, session.hooks.get_data_loader(cfg, "calib"), session.device,
-        cfg.calib.num_batches, cfg.quant.num_bins))
+    stats = activation_stats(session, model, session.hooks.get_data_loader(cfg, "calib"))
     quant.apply_ranges(model, stats, cfg.qat.stats_range, cfg.calib.percentile)
     logger.info("stats: ranges recalibrated (%s) on the trained network as they freeze",
                 cfg.qat.stats_range)
