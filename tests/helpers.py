@@ -42,6 +42,14 @@ def run_torchrun(script: str, *args: str, ranks: int = 2,
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
+def failure(proc: subprocess.CompletedProcess) -> str:
+    """What a failed torchrun said: its error lines from every rank (a rank's own traceback is
+    far above torchrun's summary), then the end of stderr."""
+    errors = [line for line in proc.stderr.splitlines()
+              if any(word in line for word in ("Error", "error:", "terminate", "what()"))]
+    return "\n".join(errors[:40]) + "\n...\n" + proc.stderr[-1500:]
+
+
 def run_script(script: str, *args: str, timeout: float = 300,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {**(env or os.environ), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from .helpers import TINY_HOOKS, TINY_NET_USER, run_script, run_torchrun, tiny_config
+from .helpers import TINY_HOOKS, TINY_NET_USER, failure, run_script, run_torchrun, tiny_config
 
 
 def test_two_processes_match_one(tmp_path, tiny_float_weights):
@@ -21,7 +21,7 @@ def test_two_processes_match_one(tmp_path, tiny_float_weights):
     assert run_script("qat_train.py", "--mode", "calib", "--config",
                       str(runs["one"])).returncode == 0
     two = run_torchrun("qat_train.py", "--mode", "calib", "--config", str(runs["two"]))
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, failure(two)
     assert two.stdout.count("results.json") == 1           # only rank 0 writes and prints
     one_res = json.loads((tmp_path / "one" / "run" / "results.json").read_text())
     two_res = json.loads((tmp_path / "two" / "run" / "results.json").read_text())
@@ -42,7 +42,7 @@ def test_lsq_start_is_shared_by_every_rank(tmp_path, tiny_float_weights):
     cfg = tiny_config(tmp_path, hooks=TINY_HOOKS, user=TINY_NET_USER, qat=qat,
                       model_path=str(tiny_float_weights), calib={"num_batches": 1})
     two = run_torchrun("qat_train.py", "--mode", "direct", "--config", str(cfg))
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, failure(two)
     state = read_checkpoint(tmp_path / "run" / "last.pt")["model"]
     amax = [v for k, v in state.items() if k.endswith("input_quantizer._amax")]
     assert amax and all(bool((a > 0).all() and a.isfinite().all()) for a in amax)

@@ -15,7 +15,8 @@ from pidnet.hooks import load_hooks
 from pidnet.pipeline import Session, build_criterion, evaluate_model, load_quantized
 from pidnet.sensitivity_analysis import main
 
-from .helpers import ROOT, TINY_HOOKS, TINY_NET_USER, run_script, run_torchrun, tiny_config
+from .helpers import (ROOT, TINY_HOOKS, TINY_NET_USER, failure, run_script, run_torchrun,
+                      tiny_config)
 
 FRAGILE_HOOKS = str(ROOT / "tests" / "fixtures" / "fragile_hooks.py")
 LAYERS = ["expand", "fragile", "head"]
@@ -126,7 +127,7 @@ def test_finished_sweep_is_not_overwritten(tmp_path, capsys):
 def test_two_ranks_share_the_layers_and_agree_with_one(tmp_path):
     cfg = legacy_config(tmp_path)
     two = run_torchrun("sensitivity_analysis.py", "--config", str(cfg))
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, failure(two)
     assert two.stdout.count("results.json") == 1
     # each rank measured its own share of the layers
     measured = [line for line in two.stderr.splitlines() if "INFO" in line and " layer " in line]
@@ -199,7 +200,7 @@ def test_two_ranks_resume_a_sweep_one_rank_left_unfinished(tmp_path):
     env = {**os.environ, "FRAGILE_KILL_AFTER": str(6 * 3 + 3)}   # killed inside layer two
     assert run_script("sensitivity_analysis.py", "--config", str(cfg), env=env).returncode == -9
     two = run_torchrun("sensitivity_analysis.py", "--config", str(cfg))
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, failure(two)
     measured = [line for line in two.stderr.splitlines() if "INFO" in line and " layer " in line]
     assert sorted(line.split(" layer ")[1].split(":")[0] for line in measured) == [
         "fragile", "head"]                       # expand was finished before the kill
