@@ -107,9 +107,8 @@ def _export(args: argparse.Namespace) -> None:
     rewrites: dict[str, int] = {}
     if exp.target == "onnxruntime":   # TensorRT's INT8 is signed: its graph keeps int8
         rewrites = runtime.rewrite_for_onnxruntime(paths["int8"])
-        logger.info("for onnxruntime: %d activation Q/DQ pairs as uint8 (zero point 128), %d "
-                    "batch norms and complements as integer depthwise convolutions, %d "
-                    "convolutions' input channels padded to fours", *rewrites.values())
+        logger.info("rewritten for onnxruntime: %s",
+                    ", ".join(f"{what.replace('_', ' ')}: {n}" for what, n in rewrites.items()))
     logger.info("wrote %s and %s (%d batch norms folded)", paths["float"], paths["int8"],
                 len(folded))
 

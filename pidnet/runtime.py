@@ -204,6 +204,13 @@ def activations_to_uint8(path: str | Path) -> int:
     return converted
 
 
+def _insert_before(graph: onnx.GraphProto, anchor: Any, *nodes: Any) -> None:
+    """Put ``nodes``, in order, just before ``anchor``: the graph stays topologically sorted."""
+    position = list(graph.node).index(anchor)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(position + offset, node)
+
+
 def _per_channel_affine(node: Any, index: _GraphIndex, channels: dict[str, int]
                         ) -> tuple[str, np.ndarray, np.ndarray] | None:
     """(input, a, b) when ``node`` computes ``a * x + b`` per channel of its one non-constant
@@ -282,10 +289,8 @@ def affine_ops_to_depthwise(path: str | Path) -> int:
         new.append(onnx.helper.make_node("Conv", [x, f"{prefix}/w_dq", f"{prefix}/b_dq"],
                                          list(node.output), group=len(a), kernel_shape=[1, 1],
                                          name=prefix))
-        position = list(graph.node).index(node)
+        _insert_before(graph, node, *new)
         graph.node.remove(node)
-        for offset, made in enumerate(new):
-            graph.node.insert(position + offset, made)
         rewritten += 1
     used = {name for node in graph.node for name in node.input} | \
         {out.name for out in graph.output}
@@ -347,15 +352,13 @@ def pad_conv_input_channels(path: str | Path, multiple: int = 4) -> int:
                                     [f"{prefix}/pad"], mode="constant", name=f"{prefix}/pad")
         if len(index.readers[dq.output[0]]) == 1:      # the conv's own: it reads the padding
             dq.input[0] = pad.output[0]
-            graph.node.insert(list(graph.node).index(dq), pad)
+            _insert_before(graph, dq, pad)
         else:                                          # shared: the conv gets its own copy
             copy = onnx.helper.make_node("DequantizeLinear", [pad.output[0], *dq.input[1:]],
                                          [f"{prefix}/dq"], name=f"{prefix}/dq")
             copy.attribute.extend(dq.attribute)
             conv.input[0] = copy.output[0]
-            position = list(graph.node).index(conv)
-            graph.node.insert(position, copy)
-            graph.node.insert(position, pad)
+            _insert_before(graph, conv, pad, copy)
         padded += 1
     onnx.save(model, str(path))
     return padded

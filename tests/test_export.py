@@ -220,6 +220,17 @@ def test_uint8_activations_give_identical_outputs(tmp_path, tiny_float_weights):
                        runtime.run(runtime.session(unsigned, 1), x))
 
 
+def _save_graph(path, nodes, inputs, outputs, inits):
+    """A hand-built opset-17 graph (``inits``: name -> array) written to ``path``."""
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, path.stem, inputs, outputs,
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+
+
 def _affine_island_graph(path, shape=(1, 4, 8, 8)):
     """input -> Q/DQ -> BatchNormalization -> Relu -> Q/DQ -> out_bn, and the same DQ ->
     1 - x -> Q/DQ -> out_complement, and a BatchNormalization read in float -> out_float:
@@ -250,12 +261,8 @@ def _affine_island_graph(path, shape=(1, 4, 8, 8)):
                               ["out_float"], name="bn_read_in_float")]
     outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
                for n in ("out_bn", "out_complement", "out_float")]
-    graph = helper.make_graph(
-        nodes, "islands", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
-        outputs, [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.save(model, str(path))
+    _save_graph(path, nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+                outputs, inits)
     return inits
 
 
@@ -319,14 +326,11 @@ def _rgb_conv_graph(path):
              helper.make_node("QuantizeLinear", ["conv", "y_scale", "y_zero"], ["yq"]),
              helper.make_node("DequantizeLinear", ["yq", "y_scale", "y_zero"], ["out"]),
              helper.make_node("Relu", ["x"], ["out_shared"])]
-    graph = helper.make_graph(
-        nodes, "rgb", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 16, 16])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 16, 16]),
-         helper.make_tensor_value_info("out_shared", TensorProto.FLOAT, [1, 3, 16, 16])],
-        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.save(model, str(path))
+    _save_graph(path, nodes,
+                [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 16, 16])],
+                [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 8, 16, 16]),
+                 helper.make_tensor_value_info("out_shared", TensorProto.FLOAT, [1, 3, 16, 16])],
+                inits)
     return weight
 
 
