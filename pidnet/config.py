@@ -119,9 +119,10 @@ class QatConfig:
                                       # stats_range on the trained network's float statistics
                                       # (always | never; auto: at 8-bit activations, where float
                                       # statistics describe what the quantizers see)
-    direct_init: str = "fixed"      # direct: lsq (2 mean|x| / sqrt(Q_P) on the first training
+    direct_init: str = "auto"       # direct: lsq (2 mean|x| / sqrt(Q_P) on the first training
                                     # batch, Esser et al. 2020) | fixed (direct_init_amax;
-                                    # gates at their known range, 1)
+                                    # gates at their known range, 1) | auto (lsq at 8-bit
+                                    # activations, fixed below)
     direct_init_amax: float = ranged(4.0, above=0)   # direct, fixed: data-free starting range
     learn_weight_ranges: bool = False   # every mode: weight step sizes learned too (LSQ)
     range_lr_scale: float = ranged(10.0, above=0)    # learning rate of learned ranges / qat.lr
@@ -180,7 +181,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "calib.method": ("max", "percentile", "mse", "entropy"),
     "calib.methods": ("max", "percentile", "mse", "entropy"),
     "qat.stats_range": ("max", "percentile", "mse", "entropy"),
-    "qat.direct_init": ("lsq", "fixed"),
+    "qat.direct_init": ("auto", "lsq", "fixed"),
     "qat.stats_recalibrate": ("auto", "always", "never"),
     "sensitivity.direction": ("disable_one", "enable_one"),
     "export.target": ("tensorrt", "onnxruntime"),

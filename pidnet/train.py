@@ -8,7 +8,8 @@
 ``--mode direct``  no calibration pass: ranges are learned by gradient (LSQ), starting from
                    LSQ's initialisation on the first training batch (``qat.direct_init: lsq``)
                    or at ``qat.direct_init_amax`` with no data at all (``fixed``; sigmoid
-                   gates and their complements start at their known range, 1).
+                   gates and their complements start at their known range, 1); ``auto``:
+                   ``lsq`` at 8-bit activations, ``fixed`` below.
 
 All modes share one loop, evaluate every epoch, keep ``best.pt`` and ``last.pt`` and resume.
 QAT modes read ``qat.*`` in place of ``train.*`` (the hooks see them as ``train.lr`` etc.), and
@@ -105,7 +106,7 @@ def _prepare_qat(session: Session, model: nn.Module, mode: str, criterion: Calla
             quant.apply_ranges(model, stats, cfg.qat.stats_range, cfg.calib.percentile)
             if cfg.qat.stats_range == "max":   # the raw max tracks the raw batch max
                 state.range_ratios = {n: 1.0 for n in quant.activation_quantizers(model)}
-        elif mode == "direct" and cfg.qat.direct_init == "lsq":
+        elif mode == "direct" and direct_start(cfg) == "lsq":
             lsq_batch = example   # LSQ starts from the first batch, as its first step would
     model = model.to(session.device)
     if mode == "direct" or cfg.qat.learn_weight_ranges:
@@ -121,6 +122,15 @@ def _prepare_qat(session: Session, model: nn.Module, mode: str, criterion: Calla
     if mode == "stats":
         state.tracker = quant.RangeTracker(model, cfg.qat.range_momentum, state.range_ratios)
     return model, state
+
+
+def direct_start(cfg: Config) -> str:
+    """How ``direct`` mode's ranges start (``qat.direct_init``; auto: LSQ's start from the first
+    batch at 8-bit activations, the fixed data-free start below, as val chose for PIDNet-S:
+    config.yaml)."""
+    if cfg.qat.direct_init != "auto":
+        return cfg.qat.direct_init
+    return "lsq" if cfg.quant.act_bits >= 8 else "fixed"
 
 
 def recalibrates(cfg: Config) -> bool:

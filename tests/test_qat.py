@@ -16,7 +16,7 @@ from pidnet.checkpoint import load_weights, read_checkpoint
 from pidnet.config import QuantConfig, load_config
 from pidnet.hooks import load_hooks
 from pidnet.pipeline import Session, evaluate_model, load_quantized, start_session
-from pidnet.train import build_parser, main, recalibrates
+from pidnet.train import build_parser, direct_start, main, recalibrates
 
 from .helpers import ROOT, TINY_HOOKS, TINY_NET_USER as USER, run_script, tiny_config
 
@@ -243,6 +243,15 @@ def test_stats_recalibrate_auto_means_8_bit_activations(tmp_path):
                                                   f"quant.act_bits={act_bits}"])
         assert recalibrates(cfg) is expected, (setting, act_bits)
     assert base.qat.stats_recalibrate == "auto"
+
+
+def test_direct_init_auto_means_lsq_at_8_bit_activations(tmp_path):
+    for setting, act_bits, expected in (("auto", 8, "lsq"), ("auto", 4, "fixed"),
+                                        ("lsq", 4, "lsq"), ("fixed", 8, "fixed")):
+        cfg = load_config(tiny_config(tmp_path), [f"qat.direct_init={setting}",
+                                                  f"quant.act_bits={act_bits}"])
+        assert direct_start(cfg) == expected, (setting, act_bits)
+    assert load_config(tiny_config(tmp_path), []).qat.direct_init == "auto"
 
 
 def _kill_after_first_checkpoint(proc: subprocess.Popen, path) -> None:

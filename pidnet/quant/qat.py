@@ -7,8 +7,9 @@ import torch
 from modelopt.torch.quantization.nn import TensorQuantizer
 from torch import nn
 
-from ..config import CHOICES
 from .modules import WEIGHT, activation_quantizers, quantizers
+
+RANGE_INITS = ("lsq", "fixed")   # how learned ranges start (train.py resolves qat.direct_init)
 
 
 class RangeTracker:
@@ -132,9 +133,8 @@ def make_ranges_learnable(model: nn.Module, init: str = "fixed", init_amax: floa
     activation without one starts at ``init_amax`` (no data). ``init="lsq"``: every learned
     step starts from the first tensor it quantizes (LSQ's ``2 mean|x| / sqrt(Q_P)``).
     """
-    if init not in CHOICES["qat.direct_init"]:
-        raise ValueError(f"unknown range init {init!r}; valid: "
-                         f"{', '.join(CHOICES['qat.direct_init'])}")
+    if init not in RANGE_INITS:
+        raise ValueError(f"unknown range init {init!r}; valid: {', '.join(RANGE_INITS)}")
     chosen = dict(sorted(activation_quantizers(model).items())) if activations else {}
     if weights:
         chosen.update(sorted((n, q) for n, q in quantizers(model).items()
