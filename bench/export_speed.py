@@ -152,8 +152,8 @@ def main() -> None:
         "agreement_at_deployed_size": {k: v["agreement"] for k, v in deployed.items()},
         "agreement_folded_pytorch": {k: v["agreement_folded_pytorch"]
                                      for k, v in exports.items()},
-        "agreement_perturbed_input_pytorch": {k: v["agreement_perturbed_input_pytorch"]
-                                              for k, v in exports.items()},
+        "agreement_unfused_onnxruntime": {k: v["agreement_unfused_onnxruntime"]
+                                          for k, v in exports.items()},
         "accuracy_input": exports["ptq_onnxruntime"]["input_shape"],
         "pixels_compared": exports["ptq_onnxruntime"]["pixels_compared"],
         "metrics": {k: v["metrics"] for k, v in exports.items()},

@@ -79,8 +79,9 @@ def test_export_places_qdq_by_target_and_matches_pytorch(tmp_path, tiny_float_we
     out = tmp_path / "run"
     results = json.loads((out / "results.json").read_text())
     assert results["agreement"] >= 0.995
-    # the small net's argmax barely moves under 1e-5 input noise (PIDNet-S's moves 0.3-2%)
-    assert results["agreement_perturbed_input_pytorch"] >= 0.99
+    # the graph's own function (no integer kernels) and PyTorch's folded model agree too
+    assert results["agreement_unfused_onnxruntime"] >= 0.995
+    assert results["agreement_folded_pytorch"] >= 0.995
     assert results["folded_batch_norms"] == 3          # every conv but the head
     latency = results["latency"]          # 3 runs asked: one block of 5 timed runs per graph
     assert latency["runs"] == 5 and latency["speedup_over_float"]["float"] == 1.0
