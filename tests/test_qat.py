@@ -245,6 +245,26 @@ def test_stats_recalibrate_auto_means_8_bit_activations(tmp_path):
     assert base.qat.stats_recalibrate == "auto"
 
 
+def test_direct_auto_starts_from_the_first_batch_at_8_bits_only(tmp_path, float_weights):
+    """qat_train.py follows direct_start: with a learning rate too small to move them, the
+    ranges end where they started: LSQ's data-derived ones at 8 bits, direct_init_amax at 4."""
+    ranges = {}
+    for act_bits in (8, 4):
+        folder = tmp_path / str(act_bits)
+        folder.mkdir()
+        config = tiny_config(folder, hooks=TINY_HOOKS, user=USER, model_path=str(float_weights),
+                             calib={"num_batches": 1}, quant={"act_bits": act_bits},
+                             qat={"epochs": 1, "lr": 1e-9, "log_interval": 0,
+                                  "direct_init": "auto", "direct_init_amax": 4.0})
+        assert main(["--mode", "direct", "--config", str(config)]) == 0
+        last = read_checkpoint(folder / "run" / "last.pt")["model"]
+        ranges[act_bits] = [float(v) for k, v in last.items()
+                            if k.endswith("_amax") and "weight_quantizer" not in k]
+    assert ranges[4] and all(a == pytest.approx(4.0, rel=1e-4) for a in ranges[4])
+    assert len(ranges[8]) == len(ranges[4])
+    assert all(abs(a - 4.0) > 1e-2 for a in ranges[8])
+
+
 def test_direct_init_auto_means_lsq_at_8_bit_activations(tmp_path):
     for setting, act_bits, expected in (("auto", 8, "lsq"), ("auto", 4, "fixed"),
                                         ("lsq", 4, "lsq"), ("fixed", 8, "fixed")):
