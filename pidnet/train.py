@@ -124,21 +124,27 @@ def _prepare_qat(session: Session, model: nn.Module, mode: str, criterion: Calla
     return model, state
 
 
+def _auto_applies(cfg: Config) -> bool:
+    """Where an ``auto`` QAT setting turns its option on: at 8-bit activations, where float
+    statistics and LSQ's first-batch start describe what the quantizers see (val chose both
+    for PIDNet-S that way: config.yaml)."""
+    return cfg.quant.act_bits >= 8
+
+
 def direct_start(cfg: Config) -> str:
     """How ``direct`` mode's ranges start (``qat.direct_init``; auto: LSQ's start from the first
-    batch at 8-bit activations, the fixed data-free start below, as val chose for PIDNet-S:
-    config.yaml)."""
+    batch at 8-bit activations, the fixed data-free start below)."""
     if cfg.qat.direct_init != "auto":
         return cfg.qat.direct_init
-    return "lsq" if cfg.quant.act_bits >= 8 else "fixed"
+    return "lsq" if _auto_applies(cfg) else "fixed"
 
 
 def recalibrates(cfg: Config) -> bool:
     """Whether ``stats`` mode recalibrates its ranges as they freeze (``qat.stats_recalibrate``;
-    auto: at 8-bit activations, where it helped PIDNet-S; at W4A4 it hurt, the float
-    statistics of a 4-bit network being far from what its quantizers see: config.yaml)."""
+    auto: at 8-bit activations; at W4A4 it hurt, the float statistics of a 4-bit network being
+    far from what its quantizers see)."""
     return cfg.qat.stats_recalibrate == "always" or (cfg.qat.stats_recalibrate == "auto"
-                                                 and cfg.quant.act_bits >= 8)
+                                                 and _auto_applies(cfg))
 
 
 def _recalibrate(session: Session, model: nn.Module) -> None:
