@@ -81,6 +81,7 @@ class QuantConfig:
     weight_bits: int = ranged(8, 2, 8)    # per output channel when per_channel
     act_bits: int = ranged(8, 2, 8)       # per tensor
     per_channel: bool = True
+    weight_range: str = "max"       # max | mse: the clipped max nearest the float weights
     residual: bool = True           # skip input of residual adds, inputs of the gated fusions
     exclude: list[str] = field(default_factory=list)   # layers kept float: exact names or globs
     num_bins: int = ranged(2048, 256, 1 << 20)   # histogram bins for activation statistics
@@ -185,6 +186,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "qat.stats_recalibrate": ("auto", "always", "never"),
     "sensitivity.direction": ("disable_one", "enable_one"),
     "export.target": ("tensorrt", "onnxruntime"),
+    "quant.weight_range": ("max", "mse"),
 }
 NON_EMPTY = ("calib.methods", "sensitivity.output_file")
 LENGTHS = {"export.input_size": 2}

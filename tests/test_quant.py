@@ -41,10 +41,12 @@ def _quantized(**overrides) -> nn.Module:
     return quant.insert_quantizers(TinyNet().eval(), QuantConfig(**overrides))
 
 
-def _fq(x, amax, levels=127):
-    """Hand-written symmetric fake quantization; ``amax`` broadcasts (per tensor or channel)."""
+def _fq(x, amax, levels=127, bottom=None):
+    """Hand-written symmetric fake quantization; ``amax`` broadcasts (per tensor or channel).
+    The grid runs from ``bottom`` (default ``-levels``) to ``levels``."""
     scale = amax / levels
-    return torch.clamp(torch.round(x / scale), -levels, levels) * scale
+    return torch.clamp(torch.round(x / scale), -levels if bottom is None else bottom,
+                       levels) * scale
 
 
 def test_quantized_net_equals_hand_written_fake_quant():
@@ -223,3 +225,34 @@ def test_gates_start_at_their_known_range_and_direct_keeps_it():
     trt = quant.insert_quantizers(create_model("pidnet_s", 8).eval(), QuantConfig(),
                                   "tensorrt", x)
     assert not trt.dfm.edge.output_quantizer.is_enabled
+
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_mse_weight_ranges_clip_outliers_and_never_quantize_worse_than_the_max(bits):
+    torch.manual_seed(0)
+    model = quant.insert_quantizers(nn.Sequential(nn.Conv2d(64, 4, 3)),
+                                    QuantConfig(weight_bits=bits, weight_range="mse"))
+    conv = model[0]
+    with torch.no_grad():
+        conv.weight.normal_(0, 0.1)
+        conv.weight[0, 0, 0, 0] = 1.0            # channel 0: one outlier, 10 sigma out
+    quant.set_weight_ranges(model, "max")
+    top = 2 ** (bits - 1) - 1
+    w, peak = conv.weight.detach(), conv.weight_quantizer.amax.clone()
+    quant.set_weight_ranges(model, "mse")
+    clipped = conv.weight_quantizer.amax
+    assert torch.equal(peak.flatten(), w.abs().amax(dim=(1, 2, 3)))
+    assert clipped.shape == peak.shape and bool((clipped <= peak).all())
+    error = {name: ((_fq(w, amax, top, -top - 1) - w) ** 2).sum(dim=(1, 2, 3))
+             for name, amax in (("max", peak), ("mse", clipped))}
+    assert bool((error["mse"] <= error["max"] + 1e-12).all())
+    if bits == 4:   # a coarse grid: clipping the outlier buys a finer step for 575 weights
+        assert float(clipped[0]) < 0.5 * float(peak[0])
+        assert float(error["mse"][0]) < 0.7 * float(error["max"][0])
+    else:           # a fine grid: the outlier is kept almost whole
+        assert float(clipped[0]) > 0.95 * float(peak[0])
+    # modelopt's grid, down to -2^(bits-1)
+    assert torch.allclose(conv.weight_quantizer(w), _fq(w, clipped, top, -top - 1), atol=1e-6)
+    with pytest.raises(ValueError, match="valid: max, mse"):
+        quant.set_weight_ranges(model, "minmax")

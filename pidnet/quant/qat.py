@@ -7,7 +7,7 @@ import torch
 from modelopt.torch.quantization.nn import TensorQuantizer
 from torch import nn
 
-from .modules import WEIGHT, activation_quantizers, quantizers
+from .modules import WEIGHT, activation_quantizers, grid_bounds, quantizers
 
 RANGE_INITS = ("lsq", "fixed")   # how learned ranges start (train.py resolves qat.direct_init)
 
@@ -60,12 +60,6 @@ class RangeTracker:
             h.remove()
 
 
-def _bounds(q: TensorQuantizer) -> tuple[float, float]:
-    top = 2.0 ** (q.num_bits - 1 + int(bool(q.unsigned))) - 1.0
-    bottom = 0.0 if q.unsigned else (-top if q.narrow_range else -top - 1.0)
-    return bottom, top
-
-
 class _Step:
     """A quantizer's learnable step size, held outside its state dict (the state dict keeps
     the static ``_amax`` buffer, so checkpoints load into plain quantizers).
@@ -105,7 +99,7 @@ class LearnedRangeQuantizer(TensorQuantizer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._disabled or not self._if_quant:
             return super().forward(x)
-        bottom, top = _bounds(self)
+        bottom, top = grid_bounds(self)
         step = self._range.param
         if self._range.pending:   # LSQ's start: 2 mean|x| / sqrt(Q_P)
             with torch.no_grad():
@@ -143,7 +137,7 @@ def make_ranges_learnable(model: nn.Module, init: str = "fixed", init_amax: floa
     for name, q in chosen.items():
         if q.amax is None:
             q.amax = torch.tensor(init_amax)
-        top = _bounds(q)[1]
+        top = grid_bounds(q)[1]
         amax = q.amax.detach().clone().float()
         param = nn.Parameter(amax.reshape(()) / top if amax.numel() == 1 else amax / top)
         q.__class__ = LearnedRangeQuantizer
@@ -169,7 +163,7 @@ def mirror_learned_ranges(model: nn.Module) -> None:
     """Copy every learned step into its quantizer's ``amax`` (what checkpoints store)."""
     for q in quantizers(model).values():
         if isinstance(q, LearnedRangeQuantizer):
-            q.amax = (q._range.param.detach().abs().clamp(min=1e-8) * _bounds(q)[1]
+            q.amax = (q._range.param.detach().abs().clamp(min=1e-8) * grid_bounds(q)[1]
                       ).reshape(q.amax.shape)
 
 
