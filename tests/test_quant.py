@@ -231,17 +231,18 @@ def test_gates_start_at_their_known_range_and_direct_keeps_it():
 @pytest.mark.parametrize("bits", [4, 8])
 def test_mse_weight_ranges_clip_outliers_and_never_quantize_worse_than_the_max(bits):
     torch.manual_seed(0)
-    model = quant.insert_quantizers(nn.Sequential(nn.Conv2d(64, 4, 3)),
-                                    QuantConfig(weight_bits=bits, weight_range="mse"))
-    conv = model[0]
+    float_model = nn.Sequential(nn.Conv2d(64, 4, 3))
     with torch.no_grad():
-        conv.weight.normal_(0, 0.1)
-        conv.weight[0, 0, 0, 0] = 1.0            # channel 0: one outlier, 10 sigma out
+        float_model[0].weight.normal_(0, 0.1)
+        float_model[0].weight[0, 0, 0, 0] = 1.0      # channel 0: one outlier, 10 sigma out
+    model = quant.insert_quantizers(float_model, QuantConfig(weight_bits=bits,
+                                                             weight_range="mse"))
+    conv, top = model[0], 2 ** (bits - 1) - 1
+    clipped = conv.weight_quantizer.amax.clone()    # set by the insertion, from the config
     quant.set_weight_ranges(model, "max")
-    top = 2 ** (bits - 1) - 1
     w, peak = conv.weight.detach(), conv.weight_quantizer.amax.clone()
     quant.set_weight_ranges(model, "mse")
-    clipped = conv.weight_quantizer.amax
+    assert torch.equal(conv.weight_quantizer.amax, clipped)
     assert torch.equal(peak.flatten(), w.abs().amax(dim=(1, 2, 3)))
     assert clipped.shape == peak.shape and bool((clipped <= peak).all())
     error = {name: ((_fq(w, amax, top, -top - 1) - w) ** 2).sum(dim=(1, 2, 3))
