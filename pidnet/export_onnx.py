@@ -65,7 +65,15 @@ def _read_checkpoint(cfg: Config) -> dict[str, Any]:
     if cfg.model_path is None:
         raise InputError("export_onnx.py needs model_path: a quantized checkpoint from "
                          "calibrate.py, qat_train.py or sensitivity_analysis.py")
-    return check_quantized(read_checkpoint(cfg.model_path), cfg.model_path, cfg.export.target)
+    ckpt = check_quantized(read_checkpoint(cfg.model_path), cfg.model_path, cfg.export.target)
+    bits = {k: ckpt.get("config", {}).get("quant", {}).get(k, 8)
+            for k in ("weight_bits", "act_bits")}
+    if bits != {"weight_bits": 8, "act_bits": 8}:
+        raise InputError(f"{cfg.model_path} is quantized at {bits['weight_bits']}-bit weights "
+                         f"and {bits['act_bits']}-bit activations; export_onnx.py writes INT8 "
+                         "graphs: calibrate or train with quant.weight_bits=8 and "
+                         "quant.act_bits=8")
+    return ckpt
 
 
 def trtexec_commands(out: Any, cfg: Config, shape: list[int]) -> dict[str, str]:

@@ -168,9 +168,13 @@ def test_pidnet_ops_between_convolutions_follow_the_target(tmp_path, target):
 def test_float_checkpoint_and_other_target_are_one_line_errors(tmp_path, tiny_float_weights,
                                                                capsys):
     cfg, ckpt = _calibrated(tmp_path, tiny_float_weights, "tensorrt")
+    assert calibrate_main(["--config", str(cfg), "--set", f"output_dir={tmp_path / 'w4'}",
+                           "--set", "quant.weight_bits=4"]) == 0
     capsys.readouterr()
     for model_path, target, expected in ((tiny_float_weights, "tensorrt", "float weights"),
-                                         (ckpt, "onnxruntime", "export.target=onnxruntime")):
+                                         (ckpt, "onnxruntime", "export.target=onnxruntime"),
+                                         (tmp_path / "w4" / "quantized.pt", "tensorrt",
+                                          "quant.weight_bits=8")):
         assert export_main(["--config", str(cfg), "--set", f"model_path={model_path}",
                             "--set", f"export.target={target}"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -354,3 +358,45 @@ def test_rgb_conv_input_padded_to_four_channels_keeps_every_output(tmp_path):
     for want, got in zip(runtime.session(original, 1).run(None, {"input": x}),
                          runtime.session(path, 1).run(None, {"input": x})):
         assert np.array_equal(want, got)
+
+
+def test_folding_a_negative_gamma_keeps_clipped_weights_on_the_trained_grid(tmp_path):
+    """Clipped weight ranges (``weight_range: mse``, learned steps) leave weights beyond the
+    range, and folding a negative gamma flips a channel's sign: in the graph every channel's
+    integer weights are still the trained ones, negated where gamma is negative."""
+    from pidnet import quant
+    from pidnet.config import QuantConfig
+
+    torch.manual_seed(0)
+    float_model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1, bias=False),
+                                      torch.nn.BatchNorm2d(4)).eval()
+    with torch.no_grad():
+        bn = float_model[1]
+        bn.weight.copy_(torch.tensor([-1.5, 0.7, -0.4, 1.2]))
+        bn.running_var.uniform_(0.5, 2.0)
+    example = torch.randn(1, 3, 8, 8)
+    model = quant.insert_quantizers(float_model, QuantConfig(), "onnxruntime", example)
+    conv = model[0]
+    w = conv.weight.detach().clone()
+    wq = conv.weight_quantizer
+    wq.amax = wq.amax * 0.5               # a clipped range: weights on both sides lie beyond it
+    step = wq.amax / 127
+    trained = torch.clamp(torch.round(w / step), -127, 127)
+    assert bool((w / step < -127.5).any())
+    assert torch.equal(torch.round(wq(w) / step), trained)        # the symmetric grid
+    stats = quant.collect_stats(model, [(torch.randn(4, 3, 8, 8), None)], torch.device("cpu"))
+    quant.apply_ranges(model, stats, "max")
+    with torch.no_grad():
+        want = model(example)
+    assert quant.fold_batch_norms(model, example) == [("0", "1")]
+    path = quant.export_onnx(model, example, tmp_path / "m.onnx", 17)
+    graph = Graph(path)
+    (weight_q,) = [q for q in graph.ops("QuantizeLinear") if q.input[0] in graph.inits]
+    scale = graph.constant(weight_q.input[1]).reshape(-1, 1, 1, 1)
+    integers = np.clip(np.round(graph.inits[weight_q.input[0]] / scale), -128, 127)
+    sign = torch.sign(bn.weight.detach()).reshape(-1, 1, 1, 1)
+    np.testing.assert_array_equal(integers, (sign * trained).numpy())
+    # and the exported model computes what the unfolded fake-quant model does
+    got = runtime.run(runtime.session(path, 1), example)
+    step = float(model[1].amax) / 127     # the batch norm's output quantizer took its place
+    assert float((got - want).abs().max()) <= step + 1e-5

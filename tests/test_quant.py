@@ -41,12 +41,11 @@ def _quantized(**overrides) -> nn.Module:
     return quant.insert_quantizers(TinyNet().eval(), QuantConfig(**overrides))
 
 
-def _fq(x, amax, levels=127, bottom=None):
-    """Hand-written symmetric fake quantization; ``amax`` broadcasts (per tensor or channel).
-    The grid runs from ``bottom`` (default ``-levels``) to ``levels``."""
+def _fq(x, amax, levels=127):
+    """Hand-written symmetric fake quantization from ``-levels`` to ``levels``; ``amax``
+    broadcasts (per tensor or channel)."""
     scale = amax / levels
-    return torch.clamp(torch.round(x / scale), -levels if bottom is None else bottom,
-                       levels) * scale
+    return torch.clamp(torch.round(x / scale), -levels, levels) * scale
 
 
 def test_quantized_net_equals_hand_written_fake_quant():
@@ -245,7 +244,7 @@ def test_mse_weight_ranges_clip_outliers_and_never_quantize_worse_than_the_max(b
     assert torch.equal(conv.weight_quantizer.amax, clipped)
     assert torch.equal(peak.flatten(), w.abs().amax(dim=(1, 2, 3)))
     assert clipped.shape == peak.shape and bool((clipped <= peak).all())
-    error = {name: ((_fq(w, amax, top, -top - 1) - w) ** 2).sum(dim=(1, 2, 3))
+    error = {name: ((_fq(w, amax, top) - w) ** 2).sum(dim=(1, 2, 3))
              for name, amax in (("max", peak), ("mse", clipped))}
     assert bool((error["mse"] <= error["max"] + 1e-12).all())
     if bits == 4:   # a coarse grid: clipping the outlier buys a finer step for 575 weights
@@ -253,7 +252,7 @@ def test_mse_weight_ranges_clip_outliers_and_never_quantize_worse_than_the_max(b
         assert float(error["mse"][0]) < 0.7 * float(error["max"][0])
     else:           # a fine grid: the outlier is kept almost whole
         assert float(clipped[0]) > 0.95 * float(peak[0])
-    # modelopt's grid, down to -2^(bits-1)
-    assert torch.allclose(conv.weight_quantizer(w), _fq(w, clipped, top, -top - 1), atol=1e-6)
+    # the symmetric grid, +-(2^(bits-1) - 1)
+    assert torch.allclose(conv.weight_quantizer(w), _fq(w, clipped, top), atol=1e-6)
     with pytest.raises(ValueError, match="valid: max, mse"):
         quant.set_weight_ranges(model, "minmax")

@@ -13,7 +13,7 @@ from modelopt.torch.quantization.nn import TensorQuantizer
 from torch import nn
 
 from .dataflow import trace_dataflow
-from .modules import quantizers
+from .modules import WEIGHT, grid_bounds, quantizers
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +62,31 @@ def disable_all(model: nn.Module) -> None:
         q.disable()
 
 
+@torch.no_grad()
+def _weights_on_grid(model: nn.Module) -> None:
+    """Clamp every quantized weight to its quantizer's grid, in place: the fake-quant function
+    is unchanged, and ONNX's QuantizeLinear, which saturates to the full int8 range, then gives
+    the integers trained on the symmetric grid (a clipped range leaves weights beyond it).
+    modelopt's INT8 export refuses a signed narrow range; on clamped weights the full range
+    gives the same integers, so the weight quantizers are exported as full-range."""
+    for module in model.modules():
+        q = getattr(module, WEIGHT, None)
+        if not isinstance(q, TensorQuantizer) or not q.is_enabled or q.amax is None:
+            continue
+        bottom, top = grid_bounds(q)
+        step = q.amax / top
+        module.weight.copy_(torch.clamp(module.weight, bottom * step, top * step))
+        q.narrow_range = False
+
+
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, opset: int,
                 dynamic_batch: bool = False) -> Path:
     """Write ``model`` (fake-quant modules export as QuantizeLinear/DequantizeLinear) to ONNX
     with one input ``input`` and one output ``logits``. modelopt's quantizers export only
-    through the TorchScript-based exporter (``dynamo=False``)."""
+    through the TorchScript-based exporter (``dynamo=False``). The quantized weights are
+    clamped to their grid first (the model computes the same function)."""
     path = Path(path)
+    _weights_on_grid(model)
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")          # tracer warnings about Python scalars

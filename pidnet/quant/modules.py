@@ -132,8 +132,10 @@ for _original, _quantized in ((Add, QuantAdd), (Blend, QuantBlend), (nn.ReLU, Qu
 
 def _quant_cfg(qcfg: QuantConfig, target: str) -> dict[str, Any]:
     act = {"num_bits": qcfg.act_bits, "axis": None, "pass_through_bwd": False}
+    # weights on the symmetric grid +-(2^(b-1) - 1), TensorRT's: batch-norm folding flips the
+    # sign of a channel whose gamma is negative, and the flipped grid must be the same grid
     weight = {"num_bits": qcfg.weight_bits, "axis": 0 if qcfg.per_channel else None,
-              "pass_through_bwd": False}
+              "narrow_range": True, "pass_through_bwd": False}
     entries: list[dict[str, Any]] = [
         {"quantizer_name": "*", "enable": False},
         {"quantizer_name": f"*{WEIGHT}", "cfg": weight},
@@ -255,7 +257,7 @@ def _place_at_producers(model: nn.Module, flow: Dataflow, qcfg: QuantConfig,
 
 def grid_bounds(q: TensorQuantizer) -> tuple[float, float]:
     """The lowest and highest integer of ``q``'s grid (modelopt's: signed ones reach -2^(b-1)
-    unless ``narrow_range``)."""
+    unless ``narrow_range``, as the weights are)."""
     top = 2.0 ** (q.num_bits - 1 + int(bool(q.unsigned))) - 1.0
     bottom = 0.0 if q.unsigned else (-top if q.narrow_range else -top - 1.0)
     return bottom, top
