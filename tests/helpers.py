@@ -50,8 +50,20 @@ def failure(proc: subprocess.CompletedProcess) -> str:
     return "\n".join(errors[:40]) + "\n...\n" + proc.stderr[-1500:]
 
 
+def script_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment every script under test runs in: two threads whatever the suite's own
+    OMP_NUM_THREADS, so runs compared value for value reduce in the same order."""
+    return {**(env or os.environ), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+
+
+def start_script(script: str, *args: str) -> subprocess.Popen:
+    """``script`` started in the background, silent, in ``script_env``: a run to interrupt."""
+    return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=ROOT,
+                            env=script_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
 def run_script(script: str, *args: str, timeout: float = 300,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = {**(env or os.environ), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
     return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=ROOT)
+                          text=True, timeout=timeout, env=script_env(env), cwd=ROOT)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -18,7 +17,8 @@ from pidnet.hooks import load_hooks
 from pidnet.pipeline import Session, evaluate_model, load_quantized, start_session
 from pidnet.train import build_parser, direct_start, main, recalibrates
 
-from .helpers import ROOT, TINY_HOOKS, TINY_NET_USER as USER, run_script, tiny_config
+from .helpers import (TINY_HOOKS, TINY_NET_USER as USER, run_script, start_script,
+                      tiny_config)
 
 
 @pytest.fixture
@@ -188,9 +188,7 @@ def test_stats_ranges_frozen_in_the_final_epoch(tmp_path, float_weights):
     one.mkdir()
     cfg1 = _qat_config(one, float_weights, epochs=3, freeze_ranges_epochs=2,
                        stats_recalibrate="never")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "qat_train.py"), "--mode", "stats",
-                             "--config", str(cfg1)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = start_script("qat_train.py", "--mode", "stats", "--config", str(cfg1))
     _kill_after_first_checkpoint(proc, one / "run" / "last.pt")
     first = read_checkpoint(one / "run" / "last.pt")
     if first["epoch"] != 1:
@@ -288,9 +286,7 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path, float_weig
     cut_cfg = _qat_config(tmp_path / "cut", float_weights, epochs=3)
     assert run_script("qat_train.py", "--mode", "direct", "--config",
                       str(ref_cfg)).returncode == 0
-    proc = subprocess.Popen([sys.executable, str(ROOT / "qat_train.py"), "--mode", "direct",
-                             "--config", str(cut_cfg)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = start_script("qat_train.py", "--mode", "direct", "--config", str(cut_cfg))
     last = tmp_path / "cut" / "run" / "last.pt"
     _kill_after_first_checkpoint(proc, last)
     assert read_checkpoint(last)["epoch"] < 3

@@ -2,8 +2,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -12,7 +10,7 @@ import torch
 from pidnet.checkpoint import read_checkpoint
 from pidnet.train import main
 
-from .helpers import ROOT, run_script, tiny_config
+from .helpers import run_script, start_script, tiny_config
 
 
 def test_float_training_writes_everything(tmp_path, capsys):
@@ -53,9 +51,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, moment):
     cut_cfg = tiny_config(cut_dir, train=train)
     assert run_script("qat_train.py", "--mode", "float", "--config", str(ref_cfg)).returncode == 0
 
-    proc = subprocess.Popen([sys.executable, str(ROOT / "qat_train.py"), "--mode", "float",
-                             "--config", str(cut_cfg)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = start_script("qat_train.py", "--mode", "float", "--config", str(cut_cfg))
     last = cut_dir / "run" / "last.pt"
     # the run folder's config.yaml is written at start-up, last.pt after the first epoch
     mark = last if moment == "after_first_checkpoint" else cut_dir / "run" / "config.yaml"
