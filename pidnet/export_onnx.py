@@ -66,13 +66,12 @@ def _read_checkpoint(cfg: Config) -> dict[str, Any]:
         raise InputError("export_onnx.py needs model_path: a quantized checkpoint from "
                          "calibrate.py, qat_train.py or sensitivity_analysis.py")
     ckpt = check_quantized(read_checkpoint(cfg.model_path), cfg.model_path, cfg.export.target)
-    bits = {k: ckpt.get("config", {}).get("quant", {}).get(k, 8)
-            for k in ("weight_bits", "act_bits")}
-    if bits != {"weight_bits": 8, "act_bits": 8}:
-        raise InputError(f"{cfg.model_path} is quantized at {bits['weight_bits']}-bit weights "
-                         f"and {bits['act_bits']}-bit activations; export_onnx.py writes INT8 "
-                         "graphs: calibrate or train with quant.weight_bits=8 and "
-                         "quant.act_bits=8")
+    placed = ckpt.get("config", {}).get("quant", {})
+    weight_bits, act_bits = placed.get("weight_bits", 8), placed.get("act_bits", 8)
+    if (weight_bits, act_bits) != (8, 8):
+        raise InputError(f"{cfg.model_path} is quantized at {weight_bits}-bit weights and "
+                         f"{act_bits}-bit activations; export_onnx.py writes INT8 graphs: "
+                         "calibrate or train with quant.weight_bits=8 and quant.act_bits=8")
     return ckpt
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from pidnet import runtime
+from pidnet import quant, runtime
 from pidnet.calibrate import main as calibrate_main
-from pidnet.config import load_config
+from pidnet.config import QuantConfig, load_config
 from pidnet.data import SyntheticScenes
 from pidnet.engine import main_prediction
 from pidnet.export_onnx import main as export_main
@@ -364,9 +364,6 @@ def test_folding_a_negative_gamma_keeps_clipped_weights_on_the_trained_grid(tmp_
     """Clipped weight ranges (``weight_range: mse``, learned steps) leave weights beyond the
     range, and folding a negative gamma flips a channel's sign: in the graph every channel's
     integer weights are still the trained ones, negated where gamma is negative."""
-    from pidnet import quant
-    from pidnet.config import QuantConfig
-
     torch.manual_seed(0)
     float_model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1, bias=False),
                                       torch.nn.BatchNorm2d(4)).eval()
@@ -398,5 +395,5 @@ def test_folding_a_negative_gamma_keeps_clipped_weights_on_the_trained_grid(tmp_
     np.testing.assert_array_equal(integers, (sign * trained).numpy())
     # and the exported model computes what the unfolded fake-quant model does
     got = runtime.run(runtime.session(path, 1), example)
-    step = float(model[1].amax) / 127     # the batch norm's output quantizer took its place
-    assert float((got - want).abs().max()) <= step + 1e-5
+    out_step = float(model[1].amax) / 127   # the batch norm's output quantizer took its place
+    assert float((got - want).abs().max()) <= out_step + 1e-5
