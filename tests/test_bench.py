@@ -1,11 +1,14 @@
-"""The QAT benchmark's arithmetic on known figures: goals (summarize), epochs per setting."""
+"""The QAT benchmark's arithmetic on known figures: goals (summarize), epochs and batch per
+setting, kept runs checked against what is asked."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
-from bench.qat_modes import EPOCHS, parse_epochs, summarize
+from bench.qat_modes import BATCH, EPOCHS, check_recipe, per_setting, summarize
+from pidnet.errors import InputError
 
 
 def _runs(**means):
@@ -38,10 +41,25 @@ def test_goals_follow_the_issue_definitions():
     assert any(r["run"] == "ptq mse *" for r in rows if r["setting"] == "w4a4")
 
 
-def test_epochs_per_setting_override_the_defaults():
+def test_epochs_and_batch_per_setting_override_the_defaults():
     parser = argparse.ArgumentParser()
-    assert parse_epochs(["w4a4=7"], parser) == {**EPOCHS, "w4a4": 7}
-    assert parse_epochs(["5", "w8a8=2"], parser) == {"w8a8": 2, "w4a8": 5, "w4a4": 5}
+    assert per_setting(["w4a4=7"], EPOCHS, "--epochs", parser) == {**EPOCHS, "w4a4": 7}
+    assert per_setting(["5", "w8a8=2"], EPOCHS, "--epochs", parser) == {
+        "w8a8": 2, "w4a8": 5, "w4a4": 5}
+    assert per_setting(["8"], BATCH, "--batch", parser) == dict.fromkeys(BATCH, 8)
     for bad in ("w2a2=3", "w4a4=0", "w4a4=x"):
         with pytest.raises(SystemExit):
-            parse_epochs([bad], parser)
+            per_setting([bad], EPOCHS, "--epochs", parser)
+
+
+def test_a_kept_run_trained_otherwise_is_an_error_not_a_figure():
+    recipe = {"qat.epochs": 10, "user.train_images": 160, "user.batch_size": 4}
+    command = ["python", "qat_train.py", "--set", "qat.epochs=10", "--set",
+               "user.train_images=160", "--set", "user.batch_size=4"]
+    check_recipe(Path("run"), command, recipe, {"batch_size": 8})      # as asked: kept
+    # a run from before the batch was set per setting trained at the config's batch of 8
+    with pytest.raises(InputError, match=r"user.batch_size 8 \(asked 4\)"):
+        check_recipe(Path("run"), command[:-2], recipe, {"batch_size": 8})
+    check_recipe(Path("run"), command[:-2], recipe, {"batch_size": 4})
+    with pytest.raises(InputError, match=r"qat.epochs 3 \(asked 10\)"):
+        check_recipe(Path("run"), ["--set", "qat.epochs=3", *command[4:]], recipe, {})
