@@ -28,7 +28,8 @@ which has no quantizers, once per seed, epoch count and batch in
 missing, and resumes an unfinished training from its ``last.pt``. A finished run trained with
 other epochs, scenes or batch size than asked is an error, never a figure. Output: a
 table (mean and standard deviation over seeds), bench/results/qat_modes.json, and
-bench/results/qat_modes.png (each mode's per-epoch val metric against float and best PTQ).
+bench/results/qat_modes.png (each mode's per-epoch val metric against float and best PTQ);
+with another ``--out-dir``, ``<out-dir>/qat_modes.json`` and ``.png``.
 The cost of one QAT step relative to a float step is measured too (goal <= 1.3).
 """
 from __future__ import annotations
@@ -65,6 +66,7 @@ SETTINGS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
 EPOCHS = {"w8a8": 3, "w4a8": 3, "w4a4": 10}   # QAT epochs per setting (module docstring)
 BATCH = {"w8a8": 8, "w4a8": 8, "w4a4": 2}     # training batch per setting (module docstring)
 RUNS = (*QAT_MODES, "control")
+OUT_DIR = "runs/bench_qat"
 logger = logging.getLogger("bench.qat_modes")
 
 
@@ -278,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=str(ROOT / "config.yaml"))
     parser.add_argument("--float-weights", default=None,
                         help="trained float weights (default: train them first)")
-    parser.add_argument("--out-dir", default="runs/bench_qat")
+    parser.add_argument("--out-dir", default=OUT_DIR)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
@@ -293,13 +295,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every run (e.g. qat.lr=0.001)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
-    parser.add_argument("--json", default=str(ROOT / "bench/results/qat_modes.json"))
+    parser.add_argument("--json", default=None,
+                        help="results (and the plot beside them); default: "
+                        "bench/results/qat_modes.json for the default --out-dir, else "
+                        "<out-dir>/qat_modes.json, so a side run never replaces the benchmark's")
     args = parser.parse_args(argv)
     epochs = per_setting(args.epochs, EPOCHS, "--epochs", parser)
     batch = per_setting(args.batch, BATCH, "--batch", parser)
     setup_logging(0)
     torch.set_num_threads(2)
     out = Path(args.out_dir)
+    results = Path(args.json or (ROOT / "bench/results/qat_modes.json" if args.out_dir == OUT_DIR
+                                 else out / "qat_modes.json"))
     started = time.perf_counter()
 
     weights = args.float_weights
@@ -343,10 +350,10 @@ def main(argv: list[str] | None = None) -> None:
                   "ptq_method": ptq[s]["best_on_val"],
                   "modes": {r: [statistics.fmean(c) for c in zip(*(x["curve"] for x in res))]
                             for r, res in runs[s].items() if res}} for s in runs}
-    plot = plot_qat_settings(curves, bench.metric, Path(args.json).with_suffix(".png"))
-    write_json(Path(args.json), {"summary": summary, "rows": rows, "ptq": ptq,
+    plot = plot_qat_settings(curves, bench.metric, results.with_suffix(".png"))
+    write_json(results, {"summary": summary, "rows": rows, "ptq": ptq,
                                   "runs": runs, "curves": curves, "plot": str(plot)})
-    print(args.json)
+    print(results)
 
 
 def per_setting(items: list[str], defaults: dict[str, int], flag: str,
