@@ -50,7 +50,7 @@ import torch
 
 from pidnet import quant
 from pidnet.checkpoint import load_weights
-from pidnet.cli import setup_logging
+from pidnet.cli import EXIT_BAD_INPUT, setup_logging
 from pidnet.config import Config, load_config
 from pidnet.demo import QAT_MODES
 from pidnet.engine import pick_metric, to_device
@@ -288,8 +288,8 @@ def main(argv: list[str] | None = None) -> None:
                         metavar="SETTING=N", help="QAT (and control) epochs per bit setting; "
                         "a bare N sets every setting")
     parser.add_argument("--batch", nargs="+", default=[f"{s}={n}" for s, n in BATCH.items()],
-                        metavar="SETTING=N", help="training batch (user.batch_size) per bit "
-                        "setting; a bare N sets every setting")
+                        metavar="SETTING=N", help="training batch per bit setting (it sets "
+                        "user.batch_size over any --set); a bare N sets every setting")
     parser.add_argument("--train-images", type=int, default=160,
                         help="training scenes per epoch (the benchmark's smaller train split)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -399,4 +399,8 @@ def step_time_ratio(bench: Bench, weights: Path, steps: int) -> dict[str, float]
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as exc:   # a kept run that was trained otherwise than asked
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
