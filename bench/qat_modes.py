@@ -154,15 +154,15 @@ class Bench:
                   "user.batch_size": batch}
         if (done := _load_json(out / "bench.json")) is not None:
             check_recipe(out, done["command"], recipe, cfg.user)
-            return done
+            return done   # trained as asked
         weight_bits, act_bits = SETTINGS[setting]
         # batch norm frozen as config.yaml has it: for all epochs when it freezes all of them
         frozen_bn = (epochs if cfg.qat.freeze_bn_epochs >= cfg.qat.epochs
                      else min(epochs, cfg.qat.freeze_bn_epochs))
         sets = [*self.overrides, f"model_path={self.weights}", f"output_dir={out}",
-                f"seed={seed}", f"user.train_images={train_images}", f"user.batch_size={batch}",
+                f"seed={seed}", *(f"{key}={value}" for key, value in recipe.items()),
                 f"quant.weight_bits={weight_bits}", f"quant.act_bits={act_bits}",
-                f"qat.epochs={epochs}", f"qat.freeze_bn_epochs={frozen_bn}",
+                f"qat.freeze_bn_epochs={frozen_bn}",
                 f"qat.freeze_ranges_epochs={min(epochs, cfg.qat.freeze_ranges_epochs)}",
                 f"calib.method={ptq_method}", f"qat.stats_range={ptq_method}"]
         if run == "control":   # the same schedule as QAT, no quantizers
@@ -209,7 +209,8 @@ def check_recipe(out: Path, command: list[str], recipe: dict[str, int],
     setting."""
     sets = dict(item.split("=", 1) for flag, item in zip(command, command[1:])
                 if flag == "--set")
-    had = {key: str(sets.get(key, user.get(key.removeprefix("user.")))) for key in recipe}
+    unset = {key: user.get(key.removeprefix("user.")) for key in recipe if key.startswith("user.")}
+    had = {key: str(sets.get(key, unset.get(key))) for key in recipe}
     differ = [f"{key} {had[key]} (asked {value})" for key, value in recipe.items()
               if had[key] != str(value)]
     if differ:
@@ -332,15 +333,14 @@ def main(argv: list[str] | None = None) -> None:
     table = format_table(rows, ["setting", "run", "mean", "std", "n", "start"])
     print(f"{bench.metric} on the {bench.report_split} split, final epoch, mean and std over "
           f"seeds {args.seeds}; epochs {epochs}, batch {batch} on {args.train_images} "
-          "training scenes; "
-          "* = PTQ method chosen on val (the calib mode's method)")
+          "training scenes; * = PTQ method chosen on val (the calib mode's method)")
     print(table)
     cfg = bench.session.cfg
     summary = {
         "metric": bench.metric, "report_split": bench.report_split, "seeds": args.seeds,
         "epochs": epochs, "batch": batch, "train_images": args.train_images,
-        "weights": str(weights),
-        "overrides": args.set, "qat": dataclasses.asdict(cfg.qat), "float": float_fig,
+        "weights": str(weights), "overrides": args.set, "qat": dataclasses.asdict(cfg.qat),
+        "float": float_fig,
         "goals": goals, "qat_step_over_float_step": speed["ratio"], "step_times": speed,
         "minutes": round((time.perf_counter() - started) / 60, 1),
         "torch_threads": torch.get_num_threads()}
@@ -351,8 +351,8 @@ def main(argv: list[str] | None = None) -> None:
                   "modes": {r: [statistics.fmean(c) for c in zip(*(x["curve"] for x in res))]
                             for r, res in runs[s].items() if res}} for s in runs}
     plot = plot_qat_settings(curves, bench.metric, results.with_suffix(".png"))
-    write_json(results, {"summary": summary, "rows": rows, "ptq": ptq,
-                                  "runs": runs, "curves": curves, "plot": str(plot)})
+    write_json(results, {"summary": summary, "rows": rows, "ptq": ptq, "runs": runs,
+                         "curves": curves, "plot": str(plot)})
     print(results)
 
 
