@@ -1,13 +1,16 @@
 """The QAT benchmark's arithmetic on known figures: goals (summarize), epochs and batch per
-setting, kept runs checked against what is asked."""
+setting, kept runs checked against what is asked, which runs train."""
 from __future__ import annotations
 
 import argparse
+import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from bench.qat_modes import BATCH, EPOCHS, check_recipe, per_setting, summarize
+from bench.qat_modes import BATCH, EPOCHS, check_recipe, per_setting, run_all, summarize
 from pidnet.errors import InputError
 
 
@@ -63,3 +66,51 @@ def test_a_kept_run_trained_otherwise_is_an_error_not_a_figure():
     check_recipe(Path("run"), command[:-2], recipe, {"batch_size": 4})
     with pytest.raises(InputError, match=r"qat.epochs 3 \(asked 10\)"):
         check_recipe(Path("run"), ["--set", "qat.epochs=3", *command[4:]], recipe, {})
+
+
+class _FakeBench:
+    """run_all's view of Bench: directories, kept results, trainings (recorded, not run)."""
+
+    def __init__(self, root: Path, kept: dict[str, dict], wrong: str | None = None) -> None:
+        self.root, self._kept, self.wrong, self.trained = root, kept, wrong, []
+        self._lock = threading.Lock()
+
+    def run_dir(self, setting, run, seed, epochs, batch):
+        return (self.root / f"control_{epochs}ep_b{batch}_seed{seed}" if run == "control"
+                else self.root / setting / f"{run}_seed{seed}")
+
+    def kept(self, out, recipe):
+        if out.name == self.wrong:
+            raise InputError(f"{out} was trained otherwise")
+        return self._kept.get(out.name)
+
+    def train(self, out, setting, run, seed, recipe, ptq_method, threads):
+        time.sleep(0.05)                                  # the pool overlaps trainings
+        with self._lock:
+            self.trained.append((out.name, setting, recipe["qat.epochs"], ptq_method, threads))
+        return {"run": run, "seed": seed, "report": float(seed), "dir": out.name}
+
+
+def test_run_all_trains_each_missing_run_once_and_keeps_the_rest(tmp_path):
+    bench = _FakeBench(tmp_path, kept={"calib_seed0": {"report": 9.0, "dir": "kept"}})
+    runs = run_all(bench, ["w8a8", "w4a8"], ["calib", "control"], [0, 1],
+                   {"w8a8": 3, "w4a8": 3, "w4a4": 10}, BATCH, 160,
+                   {"w8a8": "entropy", "w4a8": "percentile"}, jobs=2)
+    # the 3-epoch controls serve both settings: 2 seeds x (2 calib + 1 control), less 2 kept
+    # (calib seed 0 of each setting, as the fake keeps by name)
+    assert sorted(t[0] for t in bench.trained) == [
+        "calib_seed1", "calib_seed1", "control_3ep_b8_seed0", "control_3ep_b8_seed1"]
+    assert {t[3] for t in bench.trained if t[0] == "calib_seed1"} == {"entropy", "percentile"}
+    assert all(t[4] == max(1, (os.cpu_count() or 1) // 2) for t in bench.trained)
+    assert [r["report"] for r in runs["w4a8"]["calib"]] == [9.0, 1.0]
+    assert runs["w8a8"]["control"] == runs["w4a8"]["control"]
+    assert [r["dir"] for r in runs["w4a8"]["control"]] == ["control_3ep_b8_seed0",
+                                                          "control_3ep_b8_seed1"]
+
+
+def test_run_all_checks_every_kept_run_before_training_any(tmp_path):
+    bench = _FakeBench(tmp_path, kept={}, wrong="direct_seed1")
+    with pytest.raises(InputError, match="direct_seed1"):
+        run_all(bench, ["w4a4"], ["direct"], [0, 1], EPOCHS, BATCH, 160,
+                {"w4a4": "entropy"}, jobs=2)
+    assert bench.trained == []
