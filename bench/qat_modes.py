@@ -394,9 +394,11 @@ def run_all(bench: Bench, settings: list[str], run_names: list[str], seeds: list
     if todo:
         logger.info("%d runs to train, %d at a time with %d torch threads each", len(todo),
                     jobs, threads)
+    # the longest first, so the pool does not end on one long training alone
+    order = sorted(todo, key=lambda out: -todo[out][3]["qat.epochs"])
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {out: pool.submit(bench.train, out, *task, threads=threads)
-                   for out, task in todo.items()}
+        futures = {out: pool.submit(bench.train, out, *todo[out], threads=threads)
+                   for out in order}
         try:
             results.update({out: future.result() for out, future in futures.items()})
         except BaseException:

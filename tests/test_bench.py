@@ -114,3 +114,10 @@ def test_run_all_checks_every_kept_run_before_training_any(tmp_path):
         run_all(bench, ["w4a4"], ["direct"], [0, 1], EPOCHS, BATCH, 160,
                 {"w4a4": "entropy"}, jobs=2)
     assert bench.trained == []
+
+
+def test_run_all_starts_with_the_longest_trainings(tmp_path):
+    bench = _FakeBench(tmp_path, kept={})
+    run_all(bench, ["w8a8", "w4a4"], ["direct"], [0], EPOCHS, BATCH, 160,
+            {"w8a8": "entropy", "w4a4": "entropy"}, jobs=1)
+    assert [(t[1], t[2]) for t in bench.trained] == [("w4a4", 10), ("w8a8", 3)]
