@@ -28,8 +28,7 @@ which has no quantizers, once per seed, epoch count and batch in
 missing, and resumes an unfinished training from its ``last.pt``. A finished run trained with
 other epochs, scenes or batch size than asked is an error, never a figure. ``--jobs`` runs
 trainings side by side, each in its own process with its share of the cores: small-batch
-training does not use two threads well (2 one-thread trainings on 2 cores do 1.4x the images
-per second of one two-thread training). Output: a
+training does not keep many threads busy. Output: a
 table (mean and standard deviation over seeds), bench/results/qat_modes.json, and
 bench/results/qat_modes.png (each mode's per-epoch val metric against float and best PTQ);
 with another ``--out-dir``, ``<out-dir>/qat_modes.json`` and ``.png``.
@@ -313,8 +312,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="config override for every run (e.g. qat.lr=0.001)")
     parser.add_argument("--jobs", type=int, default=2,
                         help="trainings at once, sharing the CPU cores (each gets cores / "
-                        "jobs torch threads; on 2 cores, 2 one-thread trainings do 1.4x the "
-                        "work of one two-thread training)")
+                        "jobs torch threads)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
     parser.add_argument("--json", default=None,
                         help="results (and the plot beside them); default: "
