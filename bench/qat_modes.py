@@ -321,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     epochs = per_setting(args.epochs, EPOCHS, "--epochs", parser)
     batch = per_setting(args.batch, BATCH, "--batch", parser)
+    if args.jobs < 1:
+        parser.error(f"--jobs takes N >= 1, got {args.jobs}")
     setup_logging(0)
     torch.set_num_threads(2)
     out = Path(args.out_dir)
@@ -354,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
         "weights": str(weights), "overrides": args.set, "qat": dataclasses.asdict(cfg.qat),
         "float": float_fig,
         "goals": goals, "qat_step_over_float_step": speed["ratio"], "step_times": speed,
-        "minutes": round((time.perf_counter() - started) / 60, 1),
+        "minutes": round((time.perf_counter() - started) / 60, 1), "jobs": args.jobs,
         "torch_threads": torch.get_num_threads()}
     print(json.dumps(goals, indent=2))
     curves = {s: {"float": float_fig["val"],
