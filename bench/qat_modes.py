@@ -395,7 +395,7 @@ def run_all(bench: Bench, settings: list[str], run_names: list[str], seeds: list
         logger.info("%d runs to train, %d at a time with %d torch threads each", len(todo),
                     jobs, threads)
     # the longest first, so the pool does not end on one long training alone
-    order = sorted(todo, key=lambda out: -todo[out][3]["qat.epochs"])
+    order = sorted(todo, key=lambda out: -epochs[todo[out][0]])
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {out: pool.submit(bench.train, out, *todo[out], threads=threads)
                    for out in order}

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.qat_modes import BATCH, EPOCHS, check_recipe, per_setting, run_all, summarize
+from bench.qat_modes import (BATCH, EPOCHS, Bench, check_recipe, per_setting, run_all,
+                             summarize)
 from pidnet.errors import InputError
 
 
@@ -71,13 +72,11 @@ def test_a_kept_run_trained_otherwise_is_an_error_not_a_figure():
 class _FakeBench:
     """run_all's view of Bench: directories, kept results, trainings (recorded, not run)."""
 
-    def __init__(self, root: Path, kept: dict[str, dict], wrong: str | None = None) -> None:
-        self.root, self._kept, self.wrong, self.trained = root, kept, wrong, []
-        self._lock = threading.Lock()
+    run_dir = Bench.run_dir                               # the real directory names
 
-    def run_dir(self, setting, run, seed, epochs, batch):
-        return (self.root / f"control_{epochs}ep_b{batch}_seed{seed}" if run == "control"
-                else self.root / setting / f"{run}_seed{seed}")
+    def __init__(self, root: Path, kept: dict[str, dict], wrong: str | None = None) -> None:
+        self.out, self._kept, self.wrong, self.trained = root, kept, wrong, []
+        self._lock = threading.Lock()
 
     def kept(self, out, recipe):
         if out.name == self.wrong:
