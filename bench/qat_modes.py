@@ -3,7 +3,7 @@
     python -m bench.qat_modes [--float-weights runs/float/best.pt] [--out-dir runs/bench_qat]
                               [--settings w8a8 w4a8 w4a4] [--seeds 0 1 2]
                               [--epochs w8a8=3 w4a8=3 w4a4=10] [--batch w8a8=8 w4a8=8 w4a4=2]
-                              [--train-images 160] [--jobs 2]
+                              [--lr w4a4=LR] [--train-images 160] [--jobs 2]
 
 For each bit setting: PTQ with every calibration method (deterministic: one calib split), then
 for each seed the three QAT modes and a *float fine-tune control* (``--mode float`` with QAT's
@@ -20,18 +20,19 @@ gets the whole QAT budget of 10, in batches of 2 rather than 8: more steps in th
 (``direct`` seed 0, val / test: batches of 8 55.3 / 55.22, of 4 58.81 / 58.73, of 2 60.29 /
 60.96, in 1.0x, 1.0x and 1.4x the time; 8 on all 320 scenes for 5 epochs, the steps of 4,
 55.81 on test: it is the steps that count, not the scenes).
-The batch size is the hooks' ``user.batch_size`` (``my_model.py``).
+The batch size is the hooks' ``user.batch_size`` (``my_model.py``). The learning rate is
+``qat.lr`` of the config, except where ``LR`` sets it per setting (module constant, below).
 
 Each run keeps its result as it finishes (``<out-dir>/<setting>/<run>_seed<n>/``; the control,
-which has no quantizers, once per seed, epoch count and batch in
-``<out-dir>/control_<epochs>ep_b<batch>_seed<n>/``): a rerun after a stop only does what is
-missing, and resumes an unfinished training from its ``last.pt``. A finished run trained with
-other epochs, scenes or batch size than asked is an error, never a figure. ``--jobs`` runs
-trainings side by side, each in its own process with its share of the cores: small-batch
-training does not keep many threads busy. Output: a
-table (mean and standard deviation over seeds), bench/results/qat_modes.json, and
-bench/results/qat_modes.png (each mode's per-epoch val metric against float and best PTQ);
-with another ``--out-dir``, ``<out-dir>/qat_modes.json`` and ``.png``.
+which has no quantizers, once per seed, epoch count, batch and learning rate in
+``<out-dir>/control_<epochs>ep_b<batch>_lr<lr>_seed<n>/``): a rerun after a stop only does
+what is missing, and resumes an unfinished training from its ``last.pt``. A finished run
+trained with other epochs, scenes, batch size or learning rate than asked is an error, never a
+figure. ``--jobs`` runs trainings side by side, each in its own process with its share of the
+cores: small-batch training does not keep many threads busy. Output: a table (mean and
+standard deviation over seeds), bench/results/qat_modes.json, and bench/results/qat_modes.png
+(each mode's per-epoch val metric against float and best PTQ); with another ``--out-dir``,
+``<out-dir>/qat_modes.json`` and ``.png``.
 The cost of one QAT step relative to a float step is measured too (goal <= 1.3).
 """
 from __future__ import annotations
@@ -70,7 +71,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
 EPOCHS = {"w8a8": 3, "w4a8": 3, "w4a4": 10}   # QAT epochs per setting (module docstring)
 BATCH = {"w8a8": 8, "w4a8": 8, "w4a4": 2}     # training batch per setting (module docstring)
+LR = {"w4a4": 0.008}                          # qat.lr where not the config's (docstring)
 RUNS = (*QAT_MODES, "control")
+Recipe = dict[str, Any]   # config key -> value: how a run trains, beyond its mode and seed
 OUT_DIR = "runs/bench_qat"
 logger = logging.getLogger("bench.qat_modes")
 
@@ -149,18 +152,20 @@ class Bench:
         write_json(path, done)
         return done
 
-    def run_dir(self, setting: str, run: str, seed: int, epochs: int, batch: int) -> Path:
-        # the control has no quantizers: one run per seed, epochs and batch serves every setting
-        return (self.out / f"control_{epochs}ep_b{batch}_seed{seed}" if run == "control"
-                else self.out / setting / f"{run}_seed{seed}")
+    def run_dir(self, setting: str, run: str, seed: int, recipe: Recipe) -> Path:
+        # the control has no quantizers: one run per seed and recipe serves every setting
+        if run != "control":
+            return self.out / setting / f"{run}_seed{seed}"
+        return self.out / (f"control_{recipe['qat.epochs']}ep_b{recipe['user.batch_size']}"
+                           f"_lr{recipe['qat.lr']:g}_seed{seed}")
 
-    def kept(self, out: Path, recipe: dict[str, int]) -> dict[str, Any] | None:
+    def kept(self, out: Path, recipe: Recipe) -> dict[str, Any] | None:
         """A finished run's result, if it trained as asked (an error if not)."""
         if (done := _load_json(out / "bench.json")) is not None:
-            check_recipe(out, done["command"], recipe, self.session.cfg.user)
+            check_recipe(out, done["command"], recipe, self.session.cfg)
         return done
 
-    def train(self, out: Path, setting: str, run: str, seed: int, recipe: dict[str, int],
+    def train(self, out: Path, setting: str, run: str, seed: int, recipe: Recipe,
               ptq_method: str, threads: int) -> dict[str, Any]:
         """One training through qat_train.py (``threads`` torch threads), then its final model
         on the report split. Safe to call from several threads at once: the trainings run in
@@ -179,7 +184,7 @@ class Bench:
                 f"calib.method={ptq_method}", f"qat.stats_range={ptq_method}"]
         if run == "control":   # the same schedule as QAT, no quantizers
             sets = [item for item in sets if not item.startswith("quant.")]
-            sets += [f"train.epochs={epochs}", f"train.lr={cfg.qat.lr}",
+            sets += [f"train.epochs={epochs}", f"train.lr={recipe['qat.lr']}",
                      f"train.schedule={cfg.qat.schedule}",
                      f"train.freeze_bn_epochs={frozen_bn}"]
         mode = "float" if run == "control" else run
@@ -217,20 +222,24 @@ class Bench:
         return model
 
 
-def check_recipe(out: Path, command: list[str], recipe: dict[str, int],
-                 user: dict[str, Any]) -> None:
+def check_recipe(out: Path, command: list[str], recipe: Recipe, cfg: Config) -> None:
     """A kept run must have trained as asked (``recipe``: config key -> value). A key its
-    command did not set had the config's value: runs from before the batch was set per
-    setting."""
+    command did not set had the config's value."""
     sets = dict(item.split("=", 1) for flag, item in zip(command, command[1:])
                 if flag == "--set")
-    unset = {key: user.get(key.removeprefix("user.")) for key in recipe if key.startswith("user.")}
-    had = {key: str(sets.get(key, unset.get(key))) for key in recipe}
+    had = {key: sets[key] if key in sets else str(_config_value(cfg, key)) for key in recipe}
     differ = [f"{key} {had[key]} (asked {value})" for key, value in recipe.items()
               if had[key] != str(value)]
     if differ:
         raise InputError(f"{out} was trained with {', '.join(differ)}: use another "
                          "--out-dir, or delete that run to retrain it")
+
+
+def _config_value(cfg: Config, key: str) -> Any:
+    section, _, name = key.partition(".")
+    if section == "user":
+        return cfg.user.get(name)
+    return getattr(getattr(cfg, section), name)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -306,6 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", nargs="+", default=[f"{s}={n}" for s, n in BATCH.items()],
                         metavar="SETTING=N", help="training batch per bit setting (it sets "
                         "user.batch_size over any --set); a bare N sets every setting")
+    parser.add_argument("--lr", nargs="+", default=[f"{s}={x}" for s, x in LR.items()],
+                        metavar="SETTING=LR", help="QAT (and control) learning rate per bit "
+                        "setting, over config.yaml's qat.lr; a bare LR sets every setting")
     parser.add_argument("--train-images", type=int, default=160,
                         help="training scenes per epoch (the benchmark's smaller train split)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -321,6 +333,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     epochs = per_setting(args.epochs, EPOCHS, "--epochs", parser)
     batch = per_setting(args.batch, BATCH, "--batch", parser)
+    lr = per_setting(args.lr, dict.fromkeys(SETTINGS), "--lr", parser, float)   # None: config's
+    if any(item.startswith("qat.lr=") for item in args.set):
+        parser.error("set the learning rate with --lr (per setting), not --set qat.lr")
     if args.jobs < 1:
         parser.error(f"--jobs takes N >= 1, got {args.jobs}")
     setup_logging(0)
@@ -340,19 +355,21 @@ def main(argv: list[str] | None = None) -> None:
     bench = Bench(Path(args.config), Path(weights), out, args.set)
     float_fig = bench.float_figures()
     ptq = {setting: bench.ptq(setting) for setting in args.settings}
-    runs = run_all(bench, args.settings, args.runs, args.seeds, epochs, batch,
+    lr = {s: bench.session.cfg.qat.lr if x is None else x for s, x in lr.items()}
+    runs = run_all(bench, args.settings, args.runs, args.seeds, epochs, batch, lr,
                    args.train_images, {s: ptq[s]["best_on_val"] for s in ptq}, args.jobs)
     rows, goals = summarize(float_fig, ptq, runs, bench.higher)
     speed = step_time_ratio(bench, Path(weights), args.steps)
     table = format_table(rows, ["setting", "run", "mean", "std", "n", "start"])
     print(f"{bench.metric} on the {bench.report_split} split, final epoch, mean and std over "
-          f"seeds {args.seeds}; epochs {epochs}, batch {batch} on {args.train_images} "
+          f"seeds {args.seeds}; epochs {epochs}, batch {batch}, learning rate {lr} on "
+          f"{args.train_images} "
           "training scenes; * = PTQ method chosen on val (the calib mode's method)")
     print(table)
     cfg = bench.session.cfg
     summary = {
         "metric": bench.metric, "report_split": bench.report_split, "seeds": args.seeds,
-        "epochs": epochs, "batch": batch, "train_images": args.train_images,
+        "epochs": epochs, "batch": batch, "lr": lr, "train_images": args.train_images,
         "weights": str(weights), "overrides": args.set, "qat": dataclasses.asdict(cfg.qat),
         "float": float_fig,
         "goals": goals, "qat_step_over_float_step": speed["ratio"], "step_times": speed,
@@ -371,7 +388,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_all(bench: Bench, settings: list[str], run_names: list[str], seeds: list[int],
-            epochs: dict[str, int], batch: dict[str, int], train_images: int,
+            epochs: dict[str, int], batch: dict[str, int], lr: dict[str, float],
+            train_images: int,
             ptq_method: dict[str, str], jobs: int) -> dict[str, dict[str, list[dict]]]:
     """Every (setting, run, seed): kept results as they are (each checked against what is
     asked before anything trains), the rest trained ``jobs`` at a time. A directory shared
@@ -381,9 +399,9 @@ def run_all(bench: Bench, settings: list[str], run_names: list[str], seeds: list
     for setting in settings:
         for seed in seeds:
             for run in run_names:
-                recipe = {"qat.epochs": epochs[setting], "user.train_images": train_images,
-                          "user.batch_size": batch[setting]}
-                out = bench.run_dir(setting, run, seed, epochs[setting], batch[setting])
+                recipe = {"qat.epochs": epochs[setting], "qat.lr": lr[setting],
+                          "user.train_images": train_images, "user.batch_size": batch[setting]}
+                out = bench.run_dir(setting, run, seed, recipe)
                 cells.append((setting, run, out))
                 if out in results or out in todo:
                     continue
@@ -410,16 +428,21 @@ def run_all(bench: Bench, settings: list[str], run_names: list[str], seeds: list
     return runs
 
 
-def per_setting(items: list[str], defaults: dict[str, int], flag: str,
-                parser: argparse.ArgumentParser) -> dict[str, int]:
-    """``SETTING=N`` items over the defaults; a bare ``N`` sets every setting."""
+def per_setting(items: list[str], defaults: dict[str, Any], flag: str,
+                parser: argparse.ArgumentParser, kind: type = int) -> dict[str, Any]:
+    """``SETTING=X`` items over the defaults; a bare ``X`` sets every setting. ``X`` is a
+    positive ``kind``."""
     values = dict(defaults)
     for item in items:
-        setting, _, count = item.rpartition("=")
-        if (setting and setting not in SETTINGS) or not count.isdigit() or int(count) < 1:
-            parser.error(f"{flag} takes SETTING=N or N with SETTING one of "
-                         f"{', '.join(SETTINGS)} and N >= 1, got {item!r}")
-        values.update({s: int(count) for s in ([setting] if setting else SETTINGS)})
+        setting, _, text = item.rpartition("=")
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if (setting and setting not in SETTINGS) or value is None or not value > 0:
+            parser.error(f"{flag} takes SETTING=X or X with SETTING one of "
+                         f"{', '.join(SETTINGS)} and X a positive {kind.__name__}, got {item!r}")
+        values.update({s: value for s in ([setting] if setting else SETTINGS)})
     return values
 
 

@@ -1,8 +1,9 @@
-"""The QAT benchmark's arithmetic on known figures: goals (summarize), epochs and batch per
-setting, kept runs checked against what is asked, which runs train."""
+"""The QAT benchmark's arithmetic on known figures: goals (summarize), epochs, batch and
+learning rate per setting, kept runs checked against what is asked, which runs train."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import threading
 import time
@@ -12,7 +13,11 @@ import pytest
 
 from bench.qat_modes import (BATCH, EPOCHS, Bench, check_recipe, per_setting, run_all,
                              summarize)
+from pidnet.config import load_config
 from pidnet.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+LR = {"w8a8": 0.001, "w4a8": 0.001, "w4a4": 0.008}
 
 
 def _runs(**means):
@@ -45,7 +50,7 @@ def test_goals_follow_the_issue_definitions():
     assert any(r["run"] == "ptq mse *" for r in rows if r["setting"] == "w4a4")
 
 
-def test_epochs_and_batch_per_setting_override_the_defaults():
+def test_epochs_batch_and_lr_per_setting_override_the_defaults():
     parser = argparse.ArgumentParser()
     assert per_setting(["w4a4=7"], EPOCHS, "--epochs", parser) == {**EPOCHS, "w4a4": 7}
     assert per_setting(["5", "w8a8=2"], EPOCHS, "--epochs", parser) == {
@@ -54,19 +59,30 @@ def test_epochs_and_batch_per_setting_override_the_defaults():
     for bad in ("w2a2=3", "w4a4=0", "w4a4=x"):
         with pytest.raises(SystemExit):
             per_setting([bad], EPOCHS, "--epochs", parser)
+    assert per_setting(["w4a4=2e-3"], LR, "--lr", parser, float) == {**LR, "w4a4": 0.002}
+    assert per_setting(["0.004"], LR, "--lr", parser, float) == dict.fromkeys(LR, 0.004)
+    for bad in ("w4a4=-1e-3", "w4a4=0", "fast", "w4a4=nan"):
+        with pytest.raises(SystemExit):
+            per_setting([bad], LR, "--lr", parser, float)
 
 
 def test_a_kept_run_trained_otherwise_is_an_error_not_a_figure():
-    recipe = {"qat.epochs": 10, "user.train_images": 160, "user.batch_size": 4}
-    command = ["python", "qat_train.py", "--set", "qat.epochs=10", "--set",
-               "user.train_images=160", "--set", "user.batch_size=4"]
-    check_recipe(Path("run"), command, recipe, {"batch_size": 8})      # as asked: kept
-    # a run from before the batch was set per setting trained at the config's batch of 8
+    cfg = load_config(ROOT / "config.yaml")
+    assert cfg.user["batch_size"] == 8 and cfg.qat.lr == 0.001
+    recipe = {"qat.epochs": 10, "qat.lr": 0.008, "user.train_images": 160,
+              "user.batch_size": 4}
+    command = ["python", "qat_train.py", "--set", "qat.epochs=10", "--set", "qat.lr=0.008",
+               "--set", "user.train_images=160", "--set", "user.batch_size=4"]
+    check_recipe(Path("run"), command, recipe, cfg)      # as asked: kept
+    # a key the command did not set had the config's value: a batch of 8, qat.lr 1e-3
     with pytest.raises(InputError, match=r"user.batch_size 8 \(asked 4\)"):
-        check_recipe(Path("run"), command[:-2], recipe, {"batch_size": 8})
-    check_recipe(Path("run"), command[:-2], recipe, {"batch_size": 4})
+        check_recipe(Path("run"), command[:-2], recipe, cfg)
+    check_recipe(Path("run"), command[:-2], recipe,
+                 dataclasses.replace(cfg, user={**cfg.user, "batch_size": 4}))
+    with pytest.raises(InputError, match=r"qat.lr 0.001 \(asked 0.008\)"):
+        check_recipe(Path("run"), [*command[:4], *command[6:]], recipe, cfg)
     with pytest.raises(InputError, match=r"qat.epochs 3 \(asked 10\)"):
-        check_recipe(Path("run"), ["--set", "qat.epochs=3", *command[4:]], recipe, {})
+        check_recipe(Path("run"), ["--set", "qat.epochs=3", *command[4:]], recipe, cfg)
 
 
 class _FakeBench:
@@ -86,37 +102,47 @@ class _FakeBench:
     def train(self, out, setting, run, seed, recipe, ptq_method, threads):
         time.sleep(0.05)                                  # the pool overlaps trainings
         with self._lock:
-            self.trained.append((out.name, setting, recipe["qat.epochs"], ptq_method, threads))
+            self.trained.append((out.name, setting, recipe["qat.epochs"], ptq_method, threads,
+                                 recipe["qat.lr"]))
         return {"run": run, "seed": seed, "report": float(seed), "dir": out.name}
 
 
 def test_run_all_trains_each_missing_run_once_and_keeps_the_rest(tmp_path):
     bench = _FakeBench(tmp_path, kept={"calib_seed0": {"report": 9.0, "dir": "kept"}})
     runs = run_all(bench, ["w8a8", "w4a8"], ["calib", "control"], [0, 1],
-                   {"w8a8": 3, "w4a8": 3, "w4a4": 10}, BATCH, 160,
+                   {"w8a8": 3, "w4a8": 3, "w4a4": 10}, BATCH, LR, 160,
                    {"w8a8": "entropy", "w4a8": "percentile"}, jobs=2)
     # the 3-epoch controls serve both settings: 2 seeds x (2 calib + 1 control), less 2 kept
     # (calib seed 0 of each setting, as the fake keeps by name)
     assert sorted(t[0] for t in bench.trained) == [
-        "calib_seed1", "calib_seed1", "control_3ep_b8_seed0", "control_3ep_b8_seed1"]
+        "calib_seed1", "calib_seed1", "control_3ep_b8_lr0.001_seed0",
+        "control_3ep_b8_lr0.001_seed1"]
     assert {t[3] for t in bench.trained if t[0] == "calib_seed1"} == {"entropy", "percentile"}
     assert all(t[4] == max(1, (os.cpu_count() or 1) // 2) for t in bench.trained)
     assert [r["report"] for r in runs["w4a8"]["calib"]] == [9.0, 1.0]
     assert runs["w8a8"]["control"] == runs["w4a8"]["control"]
-    assert [r["dir"] for r in runs["w4a8"]["control"]] == ["control_3ep_b8_seed0",
-                                                          "control_3ep_b8_seed1"]
+    assert [r["dir"] for r in runs["w4a8"]["control"]] == ["control_3ep_b8_lr0.001_seed0",
+                                                          "control_3ep_b8_lr0.001_seed1"]
+
+
+def test_run_all_gives_each_learning_rate_its_own_control(tmp_path):
+    bench = _FakeBench(tmp_path, kept={})
+    run_all(bench, ["w8a8", "w4a8"], ["control"], [0], EPOCHS, BATCH,
+            {**LR, "w4a8": 0.004}, 160, {"w8a8": "entropy", "w4a8": "entropy"}, jobs=1)
+    assert sorted((t[0], t[5]) for t in bench.trained) == [
+        ("control_3ep_b8_lr0.001_seed0", 0.001), ("control_3ep_b8_lr0.004_seed0", 0.004)]
 
 
 def test_run_all_checks_every_kept_run_before_training_any(tmp_path):
     bench = _FakeBench(tmp_path, kept={}, wrong="direct_seed1")
     with pytest.raises(InputError, match="direct_seed1"):
-        run_all(bench, ["w4a4"], ["direct"], [0, 1], EPOCHS, BATCH, 160,
+        run_all(bench, ["w4a4"], ["direct"], [0, 1], EPOCHS, BATCH, LR, 160,
                 {"w4a4": "entropy"}, jobs=2)
     assert bench.trained == []
 
 
 def test_run_all_starts_with_the_longest_trainings(tmp_path):
     bench = _FakeBench(tmp_path, kept={})
-    run_all(bench, ["w8a8", "w4a4"], ["direct"], [0], EPOCHS, BATCH, 160,
+    run_all(bench, ["w8a8", "w4a4"], ["direct"], [0], EPOCHS, BATCH, LR, 160,
             {"w8a8": "entropy", "w4a4": "entropy"}, jobs=1)
     assert [(t[1], t[2]) for t in bench.trained] == [("w4a4", 10), ("w8a8", 3)]
