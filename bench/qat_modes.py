@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-images", type=int, default=160,
                         help="training scenes per epoch (the benchmark's smaller train split)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for every run (e.g. qat.lr=0.001)")
+                        help="config override for every run (e.g. qat.range_momentum=0.975)")
     parser.add_argument("--jobs", type=int, default=2,
                         help="trainings at once, sharing the CPU cores (each gets cores / "
                         "jobs torch threads)")

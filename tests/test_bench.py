@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.qat_modes import (BATCH, EPOCHS, Bench, check_recipe, per_setting, run_all,
+from bench.qat_modes import (BATCH, EPOCHS, Bench, check_recipe, main, per_setting, run_all,
                              summarize)
 from pidnet.config import load_config
 from pidnet.errors import InputError
@@ -64,6 +64,13 @@ def test_epochs_batch_and_lr_per_setting_override_the_defaults():
     for bad in ("w4a4=-1e-3", "w4a4=0", "fast", "w4a4=nan"):
         with pytest.raises(SystemExit):
             per_setting([bad], LR, "--lr", parser, float)
+
+
+def test_the_learning_rate_is_set_per_setting_not_through_set(capsys):
+    # --set qat.lr would be overridden by the per-setting rate without a word: refused
+    with pytest.raises(SystemExit) as exc:
+        main(["--set", "qat.lr=0.004"])
+    assert exc.value.code == 2 and "--lr" in capsys.readouterr().err
 
 
 def test_a_kept_run_trained_otherwise_is_an_error_not_a_figure():
