@@ -92,6 +92,7 @@ class Bench:
         self.config, self.weights, self.out, self.overrides = config, weights, out, overrides
         self._in_process = threading.Lock()   # evaluations here, one at a time
         cfg = load_config(config, overrides)
+        self.file_qat = load_config(config).qat   # the config file's own, before any --set
         self.hooks = load_hooks(cfg.hooks)
         self.session = Session(cfg, out, self.hooks, torch.device("cpu"))
         self.criterion = build_criterion(self.session)
@@ -176,9 +177,7 @@ class Bench:
         cfg = self.session.cfg
         epochs = recipe["qat.epochs"]
         weight_bits, act_bits = SETTINGS[setting]
-        # batch norm frozen as config.yaml has it: for all epochs when it freezes all of them
-        frozen_bn = (epochs if cfg.qat.freeze_bn_epochs >= cfg.qat.epochs
-                     else min(epochs, cfg.qat.freeze_bn_epochs))
+        frozen_bn = frozen_bn_epochs(epochs, self.file_qat, cfg.qat, self.overrides)
         sets = [*self.overrides, f"model_path={self.weights}", f"output_dir={out}",
                 f"seed={seed}", *(f"{key}={value}" for key, value in recipe.items()),
                 f"quant.weight_bits={weight_bits}", f"quant.act_bits={act_bits}",
@@ -223,6 +222,17 @@ class Bench:
         model = self.hooks.get_model(self.session.cfg)
         load_weights(model, path)
         return model
+
+
+def frozen_bn_epochs(epochs: int, file_qat: Any, qat: Any, overrides: list[str]) -> int:
+    """Epochs with batch norm frozen in a run of ``epochs``: all of them where the config file
+    freezes all of its QAT epochs (config.yaml does), else the last ``qat.freeze_bn_epochs``.
+    A ``--set qat.epochs``, which a longer ``qat.freeze_ranges_epochs`` needs to validate, does
+    not make that "all" a part; a ``--set qat.freeze_bn_epochs`` is taken as it is."""
+    if (file_qat.freeze_bn_epochs >= file_qat.epochs
+            and not any(item.startswith("qat.freeze_bn_epochs=") for item in overrides)):
+        return epochs
+    return min(epochs, qat.freeze_bn_epochs)
 
 
 def check_recipe(out: Path, command: list[str], recipe: Recipe, cfg: Config) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.qat_modes import (BATCH, EPOCHS, Bench, check_recipe, main, per_setting, run_all,
-                             summarize)
+from bench.qat_modes import (BATCH, EPOCHS, Bench, check_recipe, frozen_bn_epochs, main,
+                             per_setting, run_all, summarize)
 from pidnet.config import load_config
 from pidnet.errors import InputError
 
@@ -64,6 +64,21 @@ def test_epochs_batch_and_lr_per_setting_override_the_defaults():
     for bad in ("w4a4=-1e-3", "w4a4=0", "fast", "w4a4=nan"):
         with pytest.raises(SystemExit):
             per_setting([bad], LR, "--lr", parser, float)
+
+
+def test_batch_norm_stays_frozen_throughout_unless_asked_otherwise():
+    file_qat = load_config(ROOT / "config.yaml").qat
+    assert file_qat.freeze_bn_epochs >= file_qat.epochs              # config.yaml: all of them
+    # a longer freeze of the ranges needs --set qat.epochs=10 to validate; batch norm stays
+    # frozen for all 10 epochs, not for the last 3
+    sets = ["qat.epochs=10", "qat.freeze_ranges_epochs=7"]
+    qat = load_config(ROOT / "config.yaml", sets).qat
+    assert frozen_bn_epochs(10, file_qat, qat, sets) == 10
+    assert frozen_bn_epochs(3, file_qat, file_qat, []) == 3
+    sets = ["qat.epochs=10", "qat.freeze_bn_epochs=2"]                # live for the first 8
+    assert frozen_bn_epochs(10, file_qat, load_config(ROOT / "config.yaml", sets).qat, sets) == 2
+    partial = dataclasses.replace(file_qat, freeze_bn_epochs=1)       # a file that freezes 1
+    assert frozen_bn_epochs(10, partial, partial, []) == 1
 
 
 def test_the_learning_rate_is_set_per_setting_not_through_set(capsys):
