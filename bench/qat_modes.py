@@ -45,6 +45,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import os
 import statistics
 import subprocess
@@ -376,8 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     table = format_table(rows, ["setting", "run", "mean", "std", "n", "start"])
     print(f"{bench.metric} on the {bench.report_split} split, final epoch, mean and std over "
           f"seeds {args.seeds}; epochs {epochs}, batch {batch}, learning rate {lr} on "
-          f"{args.train_images} "
-          "training scenes; * = PTQ method chosen on val (the calib mode's method)")
+          f"{args.train_images} training scenes; * = PTQ method chosen on val (the calib "
+          "mode's method)")
     print(table)
     cfg = bench.session.cfg
     summary = {
@@ -402,8 +403,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_all(bench: Bench, settings: list[str], run_names: list[str], seeds: list[int],
             epochs: dict[str, int], batch: dict[str, int], lr: dict[str, float],
-            train_images: int,
-            ptq_method: dict[str, str], jobs: int) -> dict[str, dict[str, list[dict]]]:
+            train_images: int, ptq_method: dict[str, str],
+            jobs: int) -> dict[str, dict[str, list[dict]]]:
     """Every (setting, run, seed): kept results as they are (each checked against what is
     asked before anything trains), the rest trained ``jobs`` at a time. A directory shared
     by several settings (the control) trains once."""
@@ -452,7 +453,7 @@ def per_setting(items: list[str], defaults: dict[str, Any], flag: str,
             value = kind(text)
         except ValueError:
             value = None
-        if (setting and setting not in SETTINGS) or value is None or not value > 0:
+        if (setting and setting not in SETTINGS) or value is None or not 0 < value < math.inf:
             parser.error(f"{flag} takes SETTING=X or X with SETTING one of "
                          f"{', '.join(SETTINGS)} and X a positive {kind.__name__}, got {item!r}")
         values.update({s: value for s in ([setting] if setting else SETTINGS)})

@@ -61,7 +61,7 @@ def test_epochs_batch_and_lr_per_setting_override_the_defaults():
             per_setting([bad], EPOCHS, "--epochs", parser)
     assert per_setting(["w4a4=2e-3"], LR, "--lr", parser, float) == {**LR, "w4a4": 0.002}
     assert per_setting(["0.004"], LR, "--lr", parser, float) == dict.fromkeys(LR, 0.004)
-    for bad in ("w4a4=-1e-3", "w4a4=0", "fast", "w4a4=nan"):
+    for bad in ("w4a4=-1e-3", "w4a4=0", "fast", "w4a4=nan", "inf"):
         with pytest.raises(SystemExit):
             per_setting([bad], LR, "--lr", parser, float)
 
