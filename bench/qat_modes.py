@@ -3,13 +3,15 @@
     python -m bench.qat_modes [--float-weights runs/float/best.pt] [--out-dir runs/bench_qat]
                               [--settings w8a8 w4a8 w4a4] [--seeds 0 1 2]
                               [--epochs w8a8=3 w4a8=3 w4a4=10] [--batch w8a8=8 w4a8=8 w4a4=2]
-                              [--lr w4a4=LR] [--train-images 160] [--jobs 2]
+                              [--lr w4a4=LR] [--calib-method METHOD] [--train-images 160]
+                              [--jobs 2]
 
 For each bit setting: PTQ with every calibration method (deterministic: one calib split), then
 for each seed the three QAT modes and a *float fine-tune control* (``--mode float`` with QAT's
 epochs, learning rate, schedule and frozen batch norm, no quantizers), all through
 qat_train.py with config.yaml. ``calib`` mode calibrates with the PTQ method that did best on
-val at that bit width, and ``stats`` starts from that method's ranges. Nothing reported is
+val at that bit width (or ``--calib-method``), and ``stats`` starts from that method's
+ranges. Nothing reported is
 chosen on the data it is reported on: methods are chosen on val, and every figure is the
 *final* model on the held-out test split (the hooks' ``test`` split; a hooks file without one
 reports val, and the JSON says so).
@@ -61,7 +63,7 @@ import torch
 from pidnet import quant
 from pidnet.checkpoint import load_weights
 from pidnet.cli import EXIT_BAD_INPUT, setup_logging
-from pidnet.config import Config, load_config
+from pidnet.config import CHOICES, Config, load_config
 from pidnet.demo import QAT_MODES
 from pidnet.engine import pick_metric, to_device
 from pidnet.errors import InputError
@@ -332,6 +334,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", nargs="+", default=[f"{s}={x}" for s, x in LR.items()],
                         metavar="SETTING=LR", help="QAT (and control) learning rate per bit "
                         "setting, over config.yaml's qat.lr; a bare LR sets every setting")
+    parser.add_argument("--calib-method", default=None, choices=CHOICES["calib.method"],
+                        help="calibration method of the calib mode and stats' start (default: "
+                        "the PTQ method best on val at each setting)")
     parser.add_argument("--train-images", type=int, default=160,
                         help="training scenes per epoch (the benchmark's smaller train split)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -370,8 +375,9 @@ def main(argv: list[str] | None = None) -> None:
     float_fig = bench.float_figures()
     ptq = {setting: bench.ptq(setting) for setting in args.settings}
     lr = {s: bench.session.cfg.qat.lr if x is None else x for s, x in lr.items()}
+    methods = {s: args.calib_method or ptq[s]["best_on_val"] for s in ptq}
     runs = run_all(bench, args.settings, args.runs, args.seeds, epochs, batch, lr,
-                   args.train_images, {s: ptq[s]["best_on_val"] for s in ptq}, args.jobs)
+                   args.train_images, methods, args.jobs)
     rows, goals = summarize(float_fig, ptq, runs, bench.higher)
     speed = step_time_ratio(bench, Path(weights), args.steps)
     table = format_table(rows, ["setting", "run", "mean", "std", "n", "start"])
@@ -383,7 +389,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = bench.session.cfg
     summary = {
         "metric": bench.metric, "report_split": bench.report_split, "seeds": args.seeds,
-        "epochs": epochs, "batch": batch, "lr": lr, "train_images": args.train_images,
+        "epochs": epochs, "batch": batch, "lr": lr, "calib_method": methods,
+        "train_images": args.train_images,
         "weights": str(weights), "overrides": args.set, "qat": dataclasses.asdict(cfg.qat),
         "float": float_fig,
         "goals": goals, "qat_step_over_float_step": speed["ratio"], "step_times": speed,
@@ -415,6 +422,8 @@ def run_all(bench: Bench, settings: list[str], run_names: list[str], seeds: list
             for run in run_names:
                 recipe = {"qat.epochs": epochs[setting], "qat.lr": lr[setting],
                           "user.train_images": train_images, "user.batch_size": batch[setting]}
+                if run != "control":   # no quantizers to calibrate: one control per recipe
+                    recipe["calib.method"] = ptq_method[setting]
                 out = bench.run_dir(setting, run, seed, recipe)
                 cells.append((setting, run, out))
                 if out in results or out in todo:
