@@ -264,7 +264,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def summarize(float_fig: dict, ptq: dict[str, dict], runs: dict[str, dict[str, list[dict]]],
               higher: bool) -> tuple[list[dict], dict[str, Any]]:
-    """Table rows (mean, std over seeds, on the report split) and the issue's goals."""
+    """Table rows (mean, std over seeds, on the report split) and the benchmark's goals."""
     sign = 1 if higher else -1
     float_value = float_fig["test"]
     rows: list[dict[str, Any]] = [{"setting": "-", "run": "float", "mean": float_value,
