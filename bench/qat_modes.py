@@ -173,9 +173,10 @@ class Bench:
         return done
 
     def train(self, out: Path, setting: str, run: str, seed: int, recipe: Recipe,
-              ptq_method: str, threads: int) -> dict[str, Any]:
+              threads: int) -> dict[str, Any]:
         """One training through qat_train.py (``threads`` torch threads), then its final model
-        on the report split. Safe to call from several threads at once: the trainings run in
+        on the report split. A quantized run's recipe names its ``calib.method``, which is also
+        where ``stats`` starts. Safe to call from several threads at once: the trainings run in
         their own processes, the evaluations here one at a time."""
         cfg = self.session.cfg
         epochs = recipe["qat.epochs"]
@@ -185,8 +186,9 @@ class Bench:
                 f"seed={seed}", *(f"{key}={value}" for key, value in recipe.items()),
                 f"quant.weight_bits={weight_bits}", f"quant.act_bits={act_bits}",
                 f"qat.freeze_bn_epochs={frozen_bn}",
-                f"qat.freeze_ranges_epochs={min(epochs, cfg.qat.freeze_ranges_epochs)}",
-                f"calib.method={ptq_method}", f"qat.stats_range={ptq_method}"]
+                f"qat.freeze_ranges_epochs={min(epochs, cfg.qat.freeze_ranges_epochs)}"]
+        if "calib.method" in recipe:
+            sets.append(f"qat.stats_range={recipe['calib.method']}")
         if run == "control":   # the same schedule as QAT, no quantizers
             sets = [item for item in sets if not item.startswith("quant.")]
             sets += [f"train.epochs={epochs}", f"train.lr={recipe['qat.lr']}",
@@ -410,7 +412,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_all(bench: Bench, settings: list[str], run_names: list[str], seeds: list[int],
             epochs: dict[str, int], batch: dict[str, int], lr: dict[str, float],
-            train_images: int, ptq_method: dict[str, str],
+            train_images: int, methods: dict[str, str],
             jobs: int) -> dict[str, dict[str, list[dict]]]:
     """Every (setting, run, seed): kept results as they are (each checked against what is
     asked before anything trains), the rest trained ``jobs`` at a time. A directory shared
@@ -423,7 +425,7 @@ def run_all(bench: Bench, settings: list[str], run_names: list[str], seeds: list
                 recipe = {"qat.epochs": epochs[setting], "qat.lr": lr[setting],
                           "user.train_images": train_images, "user.batch_size": batch[setting]}
                 if run != "control":   # no quantizers to calibrate: one control per recipe
-                    recipe["calib.method"] = ptq_method[setting]
+                    recipe["calib.method"] = methods[setting]
                 out = bench.run_dir(setting, run, seed, recipe)
                 cells.append((setting, run, out))
                 if out in results or out in todo:
@@ -431,7 +433,7 @@ def run_all(bench: Bench, settings: list[str], run_names: list[str], seeds: list
                 if (done := bench.kept(out, recipe)) is not None:
                     results[out] = done
                 else:
-                    todo[out] = (setting, run, seed, recipe, ptq_method[setting])
+                    todo[out] = (setting, run, seed, recipe)
     if todo:
         logger.info("%d runs to train, %d at a time with %d torch threads each", len(todo),
                     jobs, threads)

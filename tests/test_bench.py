@@ -121,11 +121,11 @@ class _FakeBench:
             raise InputError(f"{out} was trained otherwise")
         return self._kept.get(out.name)
 
-    def train(self, out, setting, run, seed, recipe, ptq_method, threads):
+    def train(self, out, setting, run, seed, recipe, threads):
         time.sleep(0.05)                                  # the pool overlaps trainings
         with self._lock:
-            self.trained.append((out.name, setting, recipe["qat.epochs"], ptq_method, threads,
-                                 recipe["qat.lr"], recipe.get("calib.method")))
+            self.trained.append((out.name, setting, recipe["qat.epochs"],
+                                 recipe.get("calib.method"), threads, recipe["qat.lr"]))
         return {"run": run, "seed": seed, "report": float(seed), "dir": out.name}
 
 
@@ -141,7 +141,7 @@ def test_run_all_trains_each_missing_run_once_and_keeps_the_rest(tmp_path):
         "control_3ep_b8_lr0.001_seed1"]
     assert {t[3] for t in bench.trained if t[0] == "calib_seed1"} == {"entropy", "percentile"}
     # a quantized run's recipe names its calibration method; the shared control's does not
-    assert {t[6] for t in bench.trained} == {"entropy", "percentile", None}
+    assert {t[3] for t in bench.trained} == {"entropy", "percentile", None}
     assert all(t[4] == max(1, (os.cpu_count() or 1) // 2) for t in bench.trained)
     assert [r["report"] for r in runs["w4a8"]["calib"]] == [9.0, 1.0]
     assert runs["w8a8"]["control"] == runs["w4a8"]["control"]
