@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.qat_modes import (BATCH, EPOCHS, Bench, check_recipe, frozen_bn_epochs, main,
-                             per_setting, run_all, summarize)
+                             per_setting, run_all, stats_recipes, summarize)
 from pidnet.config import load_config
 from pidnet.errors import InputError
 
@@ -125,7 +125,7 @@ class _FakeBench:
         time.sleep(0.05)                                  # the pool overlaps trainings
         with self._lock:
             self.trained.append((out.name, setting, recipe["qat.epochs"],
-                                 recipe.get("calib.method"), threads, recipe["qat.lr"]))
+                                 recipe.get("calib.method"), threads, recipe["qat.lr"], recipe))
         return {"run": run, "seed": seed, "report": float(seed), "dir": out.name}
 
 
@@ -170,3 +170,20 @@ def test_run_all_starts_with_the_longest_trainings(tmp_path):
     run_all(bench, ["w8a8", "w4a4"], ["direct"], [0], EPOCHS, BATCH, LR, 160,
             {"w8a8": "entropy", "w4a4": "entropy"}, jobs=1)
     assert [(t[1], t[2]) for t in bench.trained] == [("w4a4", 10), ("w8a8", 3)]
+
+
+def test_stats_runs_alone_take_the_settings_range_tracking(tmp_path):
+    stats = stats_recipes({**EPOCHS, "w4a4": 10}, [])
+    assert stats == {"w8a8": {}, "w4a8": {},
+                     "w4a4": {"qat.freeze_ranges_epochs": 8, "qat.range_momentum": 0.975}}
+    # never frozen for more epochs than the run has; a --set of a key serves every run
+    assert stats_recipes({**EPOCHS, "w4a4": 5}, [])["w4a4"]["qat.freeze_ranges_epochs"] == 5
+    assert stats_recipes(EPOCHS, ["qat.range_momentum=0.9"])["w4a4"] == {
+        "qat.freeze_ranges_epochs": 8}
+    bench = _FakeBench(tmp_path, kept={})
+    run_all(bench, ["w8a8", "w4a4"], ["calib", "stats", "direct"], [0], EPOCHS, BATCH, LR, 160,
+            {"w8a8": "entropy", "w4a4": "entropy"}, jobs=1, stats=stats)
+    momentum = {(t[1], t[0]): t[6].get("qat.range_momentum") for t in bench.trained}
+    assert momentum == {("w4a4", "stats_seed0"): 0.975, ("w4a4", "calib_seed0"): None,
+                        ("w4a4", "direct_seed0"): None, ("w8a8", "stats_seed0"): None,
+                        ("w8a8", "calib_seed0"): None, ("w8a8", "direct_seed0"): None}
