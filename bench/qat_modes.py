@@ -201,7 +201,6 @@ class Bench:
             sets = [item for item in sets if not item.startswith("quant.")]
             sets += [f"train.epochs={epochs}", f"train.lr={recipe['qat.lr']}",
                      f"train.schedule={cfg.qat.schedule}",
-                     f"train.warmup_epochs={cfg.qat.warmup_epochs}",
                      f"train.freeze_bn_epochs={frozen_bn}"]
         mode = "float" if run == "control" else run
         command = [sys.executable, str(ROOT / "qat_train.py"), "--mode", mode,

@@ -97,8 +97,6 @@ class TrainConfig:
     weight_decay: float = ranged(5e-4, 0)
     schedule: str = "poly"          # poly | cosine | constant
     poly_power: float = ranged(0.9, above=0)
-    warmup_epochs: int = ranged(0, 0, "epochs")      # first epochs: the rate rises linearly
-                                                     # from 0, then follows the schedule
     freeze_bn_epochs: int = ranged(0, 0, "epochs")   # last epochs with batch norm frozen (a
                                                      # fine-tune that matches QAT's)
     log_interval: int = ranged(20, 0)   # steps between log lines; 0: none
@@ -112,7 +110,6 @@ class QatConfig:
     epochs: int = ranged(3, 1)
     lr: float = ranged(2e-4, above=0)   # about 1% of the float learning rate (NVIDIA's recipe)
     schedule: str = "cosine"
-    warmup_epochs: int = ranged(0, 0, "epochs")          # first epochs of linear warm-up
     freeze_bn_epochs: int = ranged(1, 0, "epochs")       # last epochs with batch norm frozen
     freeze_ranges_epochs: int = ranged(1, 0, "epochs")   # last epochs with ranges frozen
     range_momentum: float = ranged(0.9, 0, below=1)  # stats: moving average of the ranges

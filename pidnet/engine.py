@@ -157,19 +157,16 @@ def pick_metric(metrics: Mapping[str, float], name: str | None) -> tuple[str, bo
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps: int,
-                    power: float = 0.9, warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-iteration learning-rate schedule: poly (upstream PIDNet), cosine (QAT) or constant,
-    after ``warmup_steps`` whose rate rises linearly to the full one."""
-    warmup = min(max(warmup_steps, 0), max(total_steps - 1, 0))
-    total = max(total_steps - warmup, 1)
+                    power: float = 0.9) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-iteration learning-rate schedule: poly (upstream PIDNet), cosine (QAT) or constant."""
+    total = max(total_steps, 1)
     if schedule == "poly":
-        decay: Callable[[int], float] = lambda s: (1 - min(s, total - 1) / total) ** power
+        factor: Callable[[int], float] = lambda s: (1 - min(s, total - 1) / total) ** power
     elif schedule == "cosine":
-        decay = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+        factor = lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     else:
-        decay = lambda s: 1.0
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else decay(s - warmup))
+        factor = lambda s: 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def main_prediction(outputs: Any) -> torch.Tensor:

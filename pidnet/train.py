@@ -60,8 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 def qat_view(cfg: Config) -> Config:
     """The config as the training loop and hooks see it in a QAT mode: ``qat.*`` as ``train.*``."""
     train = dataclasses.replace(cfg.train, epochs=cfg.qat.epochs, lr=cfg.qat.lr,
-                                schedule=cfg.qat.schedule, warmup_epochs=cfg.qat.warmup_epochs,
-                                log_interval=cfg.qat.log_interval,
+                                schedule=cfg.qat.schedule, log_interval=cfg.qat.log_interval,
                                 freeze_bn_epochs=cfg.qat.freeze_bn_epochs)
     return dataclasses.replace(cfg, train=train)
 
@@ -242,8 +241,7 @@ def _run(session: Session, args: argparse.Namespace) -> None:
                                    "lr": cfg.qat.lr * cfg.qat.range_lr_scale})
     epochs = run_cfg.train.epochs
     scheduler = build_scheduler(optimizer, run_cfg.train.schedule, epochs * len(train_loader),
-                                run_cfg.train.poly_power,
-                                run_cfg.train.warmup_epochs * len(train_loader))
+                                run_cfg.train.poly_power)
     history: list[dict[str, Any]] = []
     best: float | None = None
     start_epoch = 0

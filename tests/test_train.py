@@ -98,25 +98,3 @@ def test_float_fine_tune_with_frozen_batch_norm_keeps_its_statistics(tmp_path,
     stats = [k for k in start if k.endswith(("running_mean", "running_var"))]
     assert stats and all(torch.equal(start[k], end[k]) for k in stats)
     assert not torch.equal(start["head.weight"], end["head.weight"])
-
-
-@pytest.mark.parametrize("schedule", ["cosine", "poly", "constant"])
-def test_warmup_rises_linearly_then_runs_the_whole_schedule(schedule):
-    from pidnet.engine import build_scheduler
-
-    def rates(steps: int, warmup: int) -> list[float]:
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-        scheduler = build_scheduler(optimizer, schedule, steps, warmup_steps=warmup)
-        seen = []
-        for _ in range(steps):
-            seen.append(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            scheduler.step()
-        return seen
-
-    plain, warm = rates(16, 0), rates(20, 4)
-    assert plain[0] == pytest.approx(0.1)
-    assert warm[:4] == pytest.approx([0.02, 0.04, 0.06, 0.08])
-    assert warm[4:] == pytest.approx(plain)   # the schedule over the steps after the warm-up
-    if schedule != "constant":
-        assert plain[-1] < 0.01
