@@ -189,12 +189,12 @@ class Bench:
         epochs = recipe["qat.epochs"]
         weight_bits, act_bits = SETTINGS[setting]
         frozen_bn = frozen_bn_epochs(epochs, self.file_qat, cfg.qat, self.overrides)
+        # the recipe comes last: its keys (stats' tracking, say) win over the defaults here
         sets = [*self.overrides, f"model_path={self.weights}", f"output_dir={out}",
-                f"seed={seed}", *(f"{key}={value}" for key, value in recipe.items()),
-                f"quant.weight_bits={weight_bits}", f"quant.act_bits={act_bits}",
-                f"qat.freeze_bn_epochs={frozen_bn}"]
-        if "qat.freeze_ranges_epochs" not in recipe:
-            sets.append(f"qat.freeze_ranges_epochs={min(epochs, cfg.qat.freeze_ranges_epochs)}")
+                f"seed={seed}", f"quant.weight_bits={weight_bits}", f"quant.act_bits={act_bits}",
+                f"qat.freeze_bn_epochs={frozen_bn}",
+                f"qat.freeze_ranges_epochs={min(epochs, cfg.qat.freeze_ranges_epochs)}",
+                *(f"{key}={value}" for key, value in recipe.items())]
         if "calib.method" in recipe:
             sets.append(f"qat.stats_range={recipe['calib.method']}")
         if run == "control":   # the same schedule as QAT, no quantizers
