@@ -8,6 +8,18 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+TEMPORARY = ".*.tmp"   # how the temporary files below are named (glob)
+
+
+def remove_temporaries(directory: str | os.PathLike) -> list[str]:
+    """Delete the temporaries a killed writer left in ``directory`` (SIGKILL skips the
+    cleanup below); returns their names. Call it only where no other writer is at work."""
+    found = sorted(Path(directory).glob(TEMPORARY))
+    for tmp in found:
+        tmp.unlink(missing_ok=True)
+    return [tmp.name for tmp in found]
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write`` on a temporary file beside ``path``, flush it to disk, then rename it
     over ``path``. On any error the temporary file is removed and ``path`` is untouched."""

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic import remove_temporaries
 from .checkpoint import load_weights, read_checkpoint, save_checkpoint
 from .config import Config, config_to_dict, load_config, save_config
 from .distributed import init_from_env, is_main, rank
@@ -61,7 +62,10 @@ def start_session(args: argparse.Namespace, default_output: str, resume: bool = 
         raise CheckpointError(f"model_path {cfg.model_path} does not exist")
     out = prepare_output_dir(cfg.output_dir, resume=resume, force=force, resumable=resumable)
     device = init_from_env(device, join=join_group)
-    if is_main():
+    if is_main():   # the one writer, before it writes: a killed run's unfinished writes go
+        if left := remove_temporaries(out):
+            logger.info("removed %d unfinished writes of a stopped run: %s", len(left),
+                        ", ".join(left))
         for item in args.set:
             logger.info("override: %s", item)
         save_config(cfg, out / "config.yaml")

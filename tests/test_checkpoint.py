@@ -114,3 +114,13 @@ def test_not_a_checkpoint(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(CheckpointError, match=str(path)):
         read_checkpoint(path)
+
+
+def test_remove_temporaries_takes_only_what_atomic_writes_leave(tmp_path):
+    from pidnet.atomic import remove_temporaries
+
+    (tmp_path / ".epochs.csv.k3j2.tmp").write_text("epoch,mi")   # a kill mid-write leaves this
+    (tmp_path / "notes.tmp").write_text("the user's")             # not one of ours: kept
+    (tmp_path / "last.pt").write_text("kept")
+    assert remove_temporaries(tmp_path) == [".epochs.csv.k3j2.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.tmp"]
