@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.qat_modes import (BATCH, EPOCHS, Bench, check_recipe, frozen_bn_epochs, main,
-                             per_setting, run_all, stats_recipes, summarize)
+                             per_setting, run_all, mode_recipes, summarize)
 from pidnet.config import load_config
 from pidnet.errors import InputError
 
@@ -172,18 +172,24 @@ def test_run_all_starts_with_the_longest_trainings(tmp_path):
     assert [(t[1], t[2]) for t in bench.trained] == [("w4a4", 10), ("w8a8", 3)]
 
 
-def test_stats_runs_alone_take_the_settings_range_tracking(tmp_path):
-    stats = stats_recipes({**EPOCHS, "w4a4": 10}, [])
-    assert stats == {"w8a8": {}, "w4a8": {},
-                     "w4a4": {"qat.freeze_ranges_epochs": 8, "qat.range_momentum": 0.975}}
+def test_each_mode_takes_its_own_ranges_recipe_at_w4a4(tmp_path):
+    recipes = mode_recipes({**EPOCHS, "w4a4": 10}, [])
+    assert recipes == {"w8a8": {}, "w4a8": {}, "w4a4": {
+        "stats": {"qat.freeze_ranges_epochs": 8, "qat.range_momentum": 0.975},
+        "direct": {"qat.freeze_ranges_epochs": 5}}}
     # never frozen for more epochs than the run has; a --set of a key serves every run
-    assert stats_recipes({**EPOCHS, "w4a4": 5}, [])["w4a4"]["qat.freeze_ranges_epochs"] == 5
-    assert stats_recipes(EPOCHS, ["qat.range_momentum=0.9"])["w4a4"] == {
-        "qat.freeze_ranges_epochs": 8}
+    short = mode_recipes({**EPOCHS, "w4a4": 4}, [])["w4a4"]
+    assert short["stats"]["qat.freeze_ranges_epochs"] == short["direct"][
+        "qat.freeze_ranges_epochs"] == 4
+    assert mode_recipes(EPOCHS, ["qat.freeze_ranges_epochs=2"])["w4a4"] == {
+        "stats": {"qat.range_momentum": 0.975}, "direct": {}}
     bench = _FakeBench(tmp_path, kept={})
-    run_all(bench, ["w8a8", "w4a4"], ["calib", "stats", "direct"], [0], EPOCHS, BATCH, LR, 160,
-            {"w8a8": "entropy", "w4a4": "entropy"}, jobs=1, stats=stats)
-    momentum = {(t[1], t[0]): t[6].get("qat.range_momentum") for t in bench.trained}
-    assert momentum == {("w4a4", "stats_seed0"): 0.975, ("w4a4", "calib_seed0"): None,
-                        ("w4a4", "direct_seed0"): None, ("w8a8", "stats_seed0"): None,
-                        ("w8a8", "calib_seed0"): None, ("w8a8", "direct_seed0"): None}
+    run_all(bench, ["w8a8", "w4a4"], ["calib", "stats", "direct", "control"], [0], EPOCHS,
+            BATCH, LR, 160, {"w8a8": "entropy", "w4a4": "entropy"}, jobs=1, recipes=recipes)
+    ranges = {(t[1], t[0].partition("_")[0]): (t[6].get("qat.freeze_ranges_epochs"),
+                                                t[6].get("qat.range_momentum"))
+              for t in bench.trained}
+    assert ranges == {("w4a4", "stats"): (8, 0.975), ("w4a4", "direct"): (5, None),
+                      ("w4a4", "calib"): (None, None), ("w4a4", "control"): (None, None),
+                      ("w8a8", "stats"): (None, None), ("w8a8", "calib"): (None, None),
+                      ("w8a8", "direct"): (None, None), ("w8a8", "control"): (None, None)}
