@@ -23,6 +23,7 @@ from .cli import base_parser, run_cli
 from .config import Config
 from .engine import main_prediction, pick_metric, to_device
 from .errors import InputError, QualityGateError
+from .metrics import predicted_labels
 from .pipeline import (FixedBatches, build_criterion, check_quantized, evaluate_model,
                        restore_checkpoint, start_session)
 from .reports import format_table, write_json
@@ -131,17 +132,20 @@ def _export(args: argparse.Namespace) -> None:
     # argmax agreement of onnxruntime's INT8 graph with the checkpoint's fake-quant model, and
     # two floors that tell where a miss comes from: the graph run without integer kernels (a
     # wrong graph shows here), and PyTorch's own batch-norm-folded model (the same function up
-    # to float rounding: how far rounding flips alone move this model's argmax)
+    # to float rounding: how far rounding flips alone move this model's argmax). Counted on the
+    # input's pixels, dense logits resized to it as the metric scores them
     agree = {"onnxruntime_int8": 0, "onnxruntime_unfused": 0, "pytorch_folded": 0}
     total = 0
     with torch.no_grad():
         for inputs, _ in batches:
             inputs = to_device(inputs, torch.device("cpu"))
-            reference = main_prediction(model(inputs.to(session.device))).cpu().argmax(1)
+            size = inputs.shape[-2:]
+            reference = predicted_labels(main_prediction(model(inputs.to(session.device))).cpu(),
+                                         size)
             for key, prediction in (("onnxruntime_int8", graphs["int8"](inputs)),
                                     ("onnxruntime_unfused", unfused(inputs)),
                                     ("pytorch_folded", deployed(inputs))):
-                agree[key] += int((reference == prediction.cpu().argmax(1)).sum())
+                agree[key] += int((reference == predicted_labels(prediction.cpu(), size)).sum())
             total += reference.numel()
     agreement = agree["onnxruntime_int8"] / total
     unfused_agreement = agree["onnxruntime_unfused"] / total

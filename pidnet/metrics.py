@@ -5,6 +5,15 @@ import torch
 import torch.distributed as dist
 
 
+def predicted_labels(logits: torch.Tensor, size: torch.Size | tuple[int, int]) -> torch.Tensor:
+    """The class of each pixel as the metric scores it: logits (N,C,h,w) resized to ``size``
+    (bilinear, as upstream PIDNet evaluates), then the argmax over C; (N,C) logits: argmax."""
+    if logits.dim() == 4 and tuple(logits.shape[-2:]) != tuple(size):
+        logits = torch.nn.functional.interpolate(logits, size=size, mode="bilinear",
+                                                 align_corners=False)
+    return logits.argmax(dim=1)
+
+
 class ConfusionMatrix:
     """Accumulates a ``num_classes x num_classes`` confusion matrix (rows: truth, cols: prediction).
 
@@ -20,10 +29,7 @@ class ConfusionMatrix:
     def update(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch: ``prediction`` is logits (N,C,h,w), resized to the target, or labels."""
         if prediction.dim() == target.dim() + 1:
-            if prediction.shape[-2:] != target.shape[-2:]:
-                prediction = torch.nn.functional.interpolate(
-                    prediction, size=target.shape[-2:], mode="bilinear", align_corners=False)
-            prediction = prediction.argmax(dim=1)
+            prediction = predicted_labels(prediction, target.shape[-2:])
         prediction, target = prediction.flatten().cpu(), target.flatten().cpu()
         valid = target != self.ignore_index
         index = target[valid] * self.num_classes + prediction[valid]

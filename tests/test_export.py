@@ -82,6 +82,9 @@ def test_export_places_qdq_by_target_and_matches_pytorch(tmp_path, tiny_float_we
     # the graph's own function (no integer kernels) and PyTorch's folded model agree too
     assert results["agreement_unfused_onnxruntime"] >= 0.995
     assert results["agreement_folded_pytorch"] >= 0.995
+    # counted on the 8 val images' pixels, as the metric scores them: the logits (a quarter
+    # of the input per side) resized to 64x128 first
+    assert results["pixels_compared"] == 8 * 64 * 128
     assert results["folded_batch_norms"] == 3          # every conv but the head
     latency = results["latency"]          # 3 runs asked: one block of 5 timed runs per graph
     assert latency["runs"] == 5 and latency["speedup_over_float"]["float"] == 1.0

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pidnet.losses import OhemCrossEntropy, PIDNetLoss, balanced_boundary_bce
-from pidnet.metrics import ConfusionMatrix
+from pidnet.metrics import ConfusionMatrix, predicted_labels
 
 
 def test_ohem_on_an_all_ignore_crop_is_finite_and_backpropagates():
@@ -91,3 +91,12 @@ def test_confusion_matrix_accepts_logits_at_lower_resolution():
     cm.update(logits, target)
     assert cm.compute()["miou"] == pytest.approx(50.0)
     assert math.isclose(cm.compute()["pixel_acc"], 100.0)
+
+
+def test_predicted_labels_resize_dense_logits_to_the_pixels_scored():
+    logits = torch.tensor([[[[4.0, -4.0]], [[-4.0, 4.0]]]])   # 1x2x1x2: class 0 left, 1 right
+    labels = predicted_labels(logits, (2, 4))
+    assert labels.tolist() == [[[0, 0, 1, 1], [0, 0, 1, 1]]]
+    assert predicted_labels(logits, (1, 2)).tolist() == [[[0, 1]]]       # already that size
+    scores = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2]])           # a classifier's (N, C)
+    assert predicted_labels(scores, (2, 4)).tolist() == [1, 0]
