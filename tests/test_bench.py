@@ -176,13 +176,13 @@ def test_each_mode_takes_its_own_ranges_recipe_at_w4a4(tmp_path):
     recipes = mode_recipes({**EPOCHS, "w4a4": 10}, [])
     assert recipes == {"w8a8": {}, "w4a8": {}, "w4a4": {
         "stats": {"qat.freeze_ranges_epochs": 8, "qat.range_momentum": 0.975},
-        "direct": {"qat.freeze_ranges_epochs": 5}}}
+        "direct": {"qat.freeze_ranges_epochs": 5, "qat.range_lr_scale": 30}}}
     # never frozen for more epochs than the run has; a --set of a key serves every run
     short = mode_recipes({**EPOCHS, "w4a4": 4}, [])["w4a4"]
     assert short["stats"]["qat.freeze_ranges_epochs"] == short["direct"][
         "qat.freeze_ranges_epochs"] == 4
     assert mode_recipes(EPOCHS, ["qat.freeze_ranges_epochs=2"])["w4a4"] == {
-        "stats": {"qat.range_momentum": 0.975}, "direct": {}}
+        "stats": {"qat.range_momentum": 0.975}, "direct": {"qat.range_lr_scale": 30}}
     bench = _FakeBench(tmp_path, kept={})
     run_all(bench, ["w8a8", "w4a4"], ["calib", "stats", "direct", "control"], [0], EPOCHS,
             BATCH, LR, 160, {"w8a8": "entropy", "w4a4": "entropy"}, jobs=1, recipes=recipes)
