@@ -88,8 +88,8 @@ SETTINGS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
 EPOCHS = {"w8a8": 3, "w4a8": 3, "w4a4": 10}   # QAT epochs per setting (module docstring)
 BATCH = {"w8a8": 8, "w4a8": 8, "w4a4": 2}     # training batch per setting (module docstring)
 LR = {"w4a4": 0.008}                          # qat.lr where not the config's (docstring)
-# a mode's ranges where not the config's (docstring): stats' tracking, how long direct learns
-# them; a --set of a key wins
+# a mode's ranges where not the config's (docstring): stats' tracking, how long and how fast
+# direct learns them; a --set of a key wins
 MODE_RECIPES = {"w4a4": {"stats": {"qat.freeze_ranges_epochs": 8, "qat.range_momentum": 0.975},
                          "direct": {"qat.freeze_ranges_epochs": 5, "qat.range_lr_scale": 30}}}
 RUNS = (*QAT_MODES, "control")
