@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 
-TEMPORARY = ".*.tmp"   # how the temporary files below are named (glob)
+PREFIX, SUFFIX = ".", ".tmp"   # a temporary is named .<target name>.<random>.tmp
 
 
 def remove_temporaries(directory: str | os.PathLike) -> list[str]:
     """Delete the temporaries a killed writer left in ``directory`` (SIGKILL skips the
     cleanup below); returns their names. Call it only where no other writer is at work."""
-    found = sorted(Path(directory).glob(TEMPORARY))
+    found = sorted(Path(directory).glob(f"{PREFIX}*{SUFFIX}"))
     for tmp in found:
         tmp.unlink(missing_ok=True)
     return [tmp.name for tmp in found]
@@ -25,7 +25,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     over ``path``. On any error the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{PREFIX}{path.name}.", suffix=SUFFIX, dir=path.parent)
     os.chmod(tmp, 0o644)   # mkstemp makes it private; results are meant to be shared
     try:
         with os.fdopen(fd, "wb") as f:
