@@ -16,35 +16,23 @@ chosen on the data it is reported on: methods are chosen on val, and every figur
 *final* model on the held-out test split (the hooks' ``test`` split; a hooks file without one
 reports val, and the JSON says so).
 
-Epochs are set per bit setting: 3 suffice at 8-bit activations, while at W4A4 the metric still
-climbs after 3 (on val, ``calib`` seed 0: 49.3 after 3 of 3 epochs, 53.8 after 10 of 10), so it
-gets the whole QAT budget of 10, in batches of 2 rather than 8: more steps in the same epochs
-(``direct`` seed 0, val / test: batches of 8 55.3 / 55.22, of 4 58.81 / 58.73, of 2 60.29 /
-60.96, in 1.0x, 1.0x and 1.4x the time; 8 on all 320 scenes for 5 epochs, the steps of 4,
-55.81 on test: it is the steps that count, not the scenes).
-The batch size is the hooks' ``user.batch_size`` (``my_model.py``). The learning rate is the
-config's ``qat.lr`` (1e-3, chosen in batches of 8) except at W4A4, where batches of 2 take a
-higher one, 8e-3, chosen on val, seed 0, before the benchmark ran: the mean of the three modes
-is 57.27 at 1e-3, 61.26 at 8e-3 and 61.33 at 1.6e-2, a tie, and 8e-3 is the better of the two
-for ``calib`` and ``stats`` and further from 3.2e-2, where ``calib`` collapses (45.71).
-``stats`` at W4A4 tracks its ranges for the first 2 of the 10 epochs and keeps them frozen for
-the last 8, with a moving average over 40 batches of 2 rather than 10 (``range_momentum``
-0.975: the horizon in scenes of 0.9 in batches of 8), chosen on val, seed 0: 59.53 against
-56.21 and 57.61 (two runs) with the config's tracking (0.9, frozen for the last epoch), 58.47
-frozen for 8 at 0.9, 58.72 frozen for 9; tracking is what 4-bit activations punish.
-``direct`` at W4A4 learns its ranges for the first 5 epochs and keeps them for the last 5
-(``freeze_ranges_epochs`` 5), chosen on val, seed 0: 64.95 against 64.18 and 63.93 (two runs)
-learning them for 9, 64.25 for 7, 64.32 for 4 and 62.49 for 2; and at 30 times the weights'
-learning rate (``range_lr_scale``), chosen the same way after it: 65.50 against 63.73 / 64.95 /
-64.16 / 63.92 at 3 / 10 / 100 / 300.
+Each bit setting has its recipe (``EPOCHS``, ``BATCH``, ``LR``, ``MODE_RECIPES``), every part
+chosen on val, seed 0, before the benchmark ran; the figures behind each choice, with their
+commands, are in bench/QAT_MODES.md. 3 epochs suffice at 8-bit activations; W4A4 gets the whole
+QAT budget of 10, in batches of 2 rather than 8 (more steps in the same epochs: it is the steps
+that count, not the scenes) at a higher learning rate, 8e-3 rather than the config's 1e-3. At
+W4A4 ``stats`` tracks its ranges for the first 2 epochs only, over a longer moving average
+(tracking is what 4-bit activations punish), and ``direct`` learns its ranges for the first 5
+epochs at 30 times the learning rate, then trains against them fixed. The batch size is the
+hooks' ``user.batch_size`` (``my_model.py``).
 
 Each run keeps its result as it finishes (``<out-dir>/<setting>/<run>_seed<n>/``; the control,
 which has no quantizers, once per seed, epoch count, batch and learning rate in
-``<out-dir>/control_<epochs>ep_b<batch>_lr<lr>_seed<n>/``): a rerun after a stop only does
-what is missing, and resumes an unfinished training from its ``last.pt``. A finished run
-trained with other epochs, scenes, batch size or learning rate than asked is an error, never a
-figure. ``--jobs`` runs trainings side by side, each in its own process with its share of the
-cores: small-batch training does not keep many threads busy. Output: a table (mean and
+``<out-dir>/control_<epochs>ep_b<batch>_lr<lr>_seed<n>/``): a rerun after a stop only does what
+is missing, and resumes an unfinished training from its ``last.pt``. A finished run trained
+with other epochs, scenes, batch size, learning rate or range recipe than asked is an error,
+never a figure. ``--jobs`` runs trainings side by side, each in its own process with its share
+of the cores: small-batch training does not keep many threads busy. Output: a table (mean and
 standard deviation over seeds), bench/results/qat_modes.json, and bench/results/qat_modes.png
 (each mode's per-epoch val metric against float and best PTQ); with another ``--out-dir``,
 ``<out-dir>/qat_modes.json`` and ``.png``.
