@@ -501,6 +501,8 @@ def step_time_ratio(bench: Bench, weights: Path, steps: int) -> dict[str, float]
                                         example_input(loader, torch.device("cpu")))
     stats = quant.collect_stats(qat_model, loader, torch.device("cpu"), 2)
     quant.apply_ranges(qat_model, stats, cfg.calib.method)
+    if cfg.qat.track_weight_ranges:
+        quant.track_weight_ranges(qat_model, cfg.quant.weight_range)
     models = {"float": float_model, "qat": qat_model}
     optims = {k: torch.optim.SGD(m.parameters(), lr=1e-5) for k, m in models.items()}
     times: dict[str, list[float]] = {"float": [], "qat": []}

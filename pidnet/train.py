@@ -71,6 +71,7 @@ class QatState:
 
     baselines: dict[str, Any] = field(default_factory=dict)
     tracker: Any = None                         # stats: quant.RangeTracker
+    weight_tracking: Any = None                 # qat.track_weight_ranges: the hook's handle
     range_ratios: dict[str, float] = field(default_factory=dict)   # stats: amax / batch max
     range_params: list[nn.Parameter] = field(default_factory=list)   # learned step sizes
 
@@ -121,6 +122,8 @@ def _prepare_qat(session: Session, model: nn.Module, mode: str, criterion: Calla
                                     else metric_of(model))
     if mode == "stats":
         state.tracker = quant.RangeTracker(model, cfg.qat.range_momentum, state.range_ratios)
+    if cfg.qat.track_weight_ranges and not cfg.qat.learn_weight_ranges:
+        state.weight_tracking = quant.track_weight_ranges(model, cfg.quant.weight_range)
     return model, state
 
 
@@ -290,6 +293,8 @@ def _run(session: Session, args: argparse.Namespace) -> None:
 
     if state.tracker is not None:
         state.tracker.remove()
+    if state.weight_tracking is not None:
+        state.weight_tracking.remove()
     if state.range_params:
         from . import quant
         quant.make_ranges_static(model)

@@ -53,7 +53,9 @@ def test_direct_ranges_move_from_their_data_free_start(tmp_path, float_weights):
     amax = torch.stack([v.reshape(()) for k, v in last.items()
                         if k.endswith("_amax") and "weight_quantizer" not in k])
     moved = (amax - 4.0).abs()
-    assert moved.min() > 1e-6 and moved.max() > 1e-2   # every learned range moved
+    # learned: they move, the clipped ones most; a skip input far below its range gets almost
+    # no gradient (only LSQ's rounding-error term), and may not move at all
+    assert (moved > 1e-6).sum() >= len(moved) - 1 and moved.max() > 1e-2
 
 
 def test_learned_range_gets_lsq_gradient():
@@ -141,6 +143,45 @@ def test_learned_weight_steps_round_trip(tmp_path, float_weights):
                             None)["miou"]
     final = json.loads((tmp_path / "run" / "results.json").read_text())["final"]["miou"]
     assert metric == pytest.approx(final, abs=1e-6)
+
+
+def _channel_max(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().abs().amax(dim=(1, 2, 3), keepdim=True)
+
+
+def test_tracked_weight_ranges_follow_the_weights_until_removed():
+    model = quant.insert_quantizers(nn.Sequential(nn.Conv2d(3, 4, 1)), QuantConfig())
+    conv, x = model[0], torch.randn(1, 3, 2, 2)
+    start = conv.weight_quantizer.amax.clone()
+    with torch.no_grad():
+        conv.weight[1] *= 3                  # channel 1 grows past its starting range
+    handle = quant.track_weight_ranges(model)
+    model.eval()(x)                          # evaluation too: a checkpoint holds its weights'
+    grown = conv.weight_quantizer.amax.clone()
+    assert torch.equal(grown, _channel_max(conv.weight))
+    assert float(grown[1]) == pytest.approx(3 * float(start[1]))
+    assert torch.equal(grown[[0, 2, 3]], start[[0, 2, 3]])
+    handle.remove()
+    with torch.no_grad():
+        conv.weight.mul_(0.5)
+    model(x)
+    assert torch.equal(conv.weight_quantizer.amax, grown)   # removed: the ranges stay
+
+
+def test_qat_with_tracked_weight_ranges_saves_the_trained_weights_ranges(tmp_path,
+                                                                        float_weights):
+    cfg = _qat_config(tmp_path, float_weights, track_weight_ranges=True)
+    assert main(["--mode", "calib", "--config", str(cfg)]) == 0
+    state = read_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    float_state = read_checkpoint(float_weights)["model"]
+    convs = [k[: -len(".weight_quantizer._amax")] for k in state
+             if k.endswith(".weight_quantizer._amax")]
+    assert convs
+    for name in convs:
+        amax = state[f"{name}.weight_quantizer._amax"]
+        assert torch.equal(amax, _channel_max(state[f"{name}.weight"])), name
+    assert any(not torch.allclose(state[f"{n}.weight_quantizer._amax"],
+                                  _channel_max(float_state[f"{n}.weight"])) for n in convs)
 
 
 def test_tracked_ranges_follow_the_data_then_stop_when_frozen():

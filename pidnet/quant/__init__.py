@@ -44,6 +44,7 @@ from .qat import (  # noqa: E402
     make_ranges_static,
     mirror_learned_ranges,
     start_learned_ranges,
+    track_weight_ranges,
 )
 from .stats import ActivationStats, apply_ranges, collect_stats, merge_stats  # noqa: E402
 
@@ -54,5 +55,5 @@ __all__ = [
     "insert_quantizers", "layer_quantizers", "layers_enabled", "lsq_grad_scale",
     "make_ranges_learnable", "make_ranges_static", "mirror_learned_ranges",
     "start_learned_ranges", "match_layers", "merge_stats", "quant_state", "quantizers",
-    "restore_quantized", "set_weight_ranges",
+    "restore_quantized", "set_weight_ranges", "track_weight_ranges",
 ]

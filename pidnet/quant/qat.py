@@ -7,7 +7,7 @@ import torch
 from modelopt.torch.quantization.nn import TensorQuantizer
 from torch import nn
 
-from .modules import WEIGHT, activation_quantizers, grid_bounds, quantizers
+from .modules import WEIGHT, activation_quantizers, grid_bounds, quantizers, set_weight_ranges
 
 RANGE_INITS = ("lsq", "fixed")   # how learned ranges start (train.py resolves qat.direct_init)
 
@@ -58,6 +58,16 @@ class RangeTracker:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+def track_weight_ranges(model: nn.Module, method: str = "max"
+                        ) -> torch.utils.hooks.RemovableHandle:
+    """Weight ranges that follow the weights: before every forward of ``model`` (training and
+    evaluation alike, so a checkpoint's ranges are its weights'), every weight quantizer's
+    amax is set from the current weights by ``method`` (``set_weight_ranges``). Fixed ranges
+    clip a weight that grows past its channel's starting max; these grow with it. Remove the
+    returned handle to stop."""
+    return model.register_forward_pre_hook(lambda m, _args: set_weight_ranges(m, method))
 
 
 class _Step:
