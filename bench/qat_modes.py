@@ -29,10 +29,11 @@ hooks' ``user.batch_size`` (``my_model.py``).
 Each run keeps its result as it finishes (``<out-dir>/<setting>/<run>_seed<n>/``; the control,
 which has no quantizers, once per seed, epoch count, batch and learning rate in
 ``<out-dir>/control_<epochs>ep_b<batch>_lr<lr>_seed<n>/``): a rerun after a stop only does what
-is missing, and resumes an unfinished training from its ``last.pt``. A finished run trained
-with other epochs, scenes, batch size, learning rate or range recipe than asked is an error,
-never a figure. ``--jobs`` runs trainings side by side, each in its own process with its share
-of the cores: small-batch training does not keep many threads busy. Output: a table (mean and
+is missing, and resumes an unfinished training from its ``last.pt``. A finished run whose own
+config (the ``config.yaml`` in its directory) differs in any key from what the benchmark would
+run now, the config file's defaults included, is an error, never a figure. ``--jobs`` runs
+trainings side by side, each in its own process with its share of the cores: small-batch
+training does not keep many threads busy. Output: a table (mean and
 standard deviation over seeds), bench/results/qat_modes.json, and bench/results/qat_modes.png
 (each mode's per-epoch val metric against float and best PTQ); with another ``--out-dir``,
 ``<out-dir>/qat_modes.json`` and ``.png``.
@@ -57,11 +58,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from pidnet import quant
 from pidnet.checkpoint import load_weights
 from pidnet.cli import EXIT_BAD_INPUT, setup_logging
-from pidnet.config import CHOICES, Config, load_config
+from pidnet.config import CHOICES, Config, config_to_dict, load_config
 from pidnet.demo import QAT_MODES
 from pidnet.engine import pick_metric, to_device
 from pidnet.errors import InputError
@@ -168,18 +170,19 @@ class Bench:
         return self.out / (f"control_{recipe['qat.epochs']}ep_b{recipe['user.batch_size']}"
                            f"_lr{recipe['qat.lr']:g}_seed{seed}")
 
-    def kept(self, out: Path, recipe: Recipe) -> dict[str, Any] | None:
+    def kept(self, out: Path, setting: str, run: str, seed: int, recipe: Recipe
+             ) -> dict[str, Any] | None:
         """A finished run's result, if it trained as asked (an error if not)."""
         if (done := _load_json(out / "bench.json")) is not None:
-            check_recipe(out, done["command"], recipe, self.session.cfg)
+            asked = load_config(self.config, self.run_sets(out, setting, run, seed, recipe))
+            check_trained_as_asked(out, asked, run)
         return done
 
-    def train(self, out: Path, setting: str, run: str, seed: int, recipe: Recipe,
-              threads: int) -> dict[str, Any]:
-        """One training through qat_train.py (``threads`` torch threads), then its final model
-        on the report split. A quantized run's recipe names its ``calib.method``, which is also
-        where ``stats`` starts. Safe to call from several threads at once: the trainings run in
-        their own processes, the evaluations here one at a time."""
+    def run_sets(self, out: Path, setting: str, run: str, seed: int, recipe: Recipe
+                 ) -> list[str]:
+        """The ``--set`` items of one training: the benchmark's, then the run's recipe. A
+        quantized run's recipe names its ``calib.method``, which is also where ``stats``
+        starts."""
         cfg = self.session.cfg
         epochs = recipe["qat.epochs"]
         weight_bits, act_bits = SETTINGS[setting]
@@ -197,10 +200,17 @@ class Bench:
             sets += [f"train.epochs={epochs}", f"train.lr={recipe['qat.lr']}",
                      f"train.schedule={cfg.qat.schedule}",
                      f"train.freeze_bn_epochs={frozen_bn}"]
+        return sets
+
+    def train(self, out: Path, setting: str, run: str, seed: int, recipe: Recipe,
+              threads: int) -> dict[str, Any]:
+        """One training through qat_train.py (``threads`` torch threads), then its final model
+        on the report split. Safe to call from several threads at once: the trainings run in
+        their own processes, the evaluations here one at a time."""
         mode = "float" if run == "control" else run
         command = [sys.executable, str(ROOT / "qat_train.py"), "--mode", mode,
                    "--config", str(self.config), "--resume"]
-        for item in sets:
+        for item in self.run_sets(out, setting, run, seed, recipe):
             command += ["--set", item]
         out.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
@@ -243,24 +253,38 @@ def frozen_bn_epochs(epochs: int, file_qat: Any, qat: Any, overrides: list[str])
     return min(epochs, qat.freeze_bn_epochs)
 
 
-def check_recipe(out: Path, command: list[str], recipe: Recipe, cfg: Config) -> None:
-    """A kept run must have trained as asked (``recipe``: config key -> value). A key its
-    command did not set had the config's value."""
-    sets = dict(item.split("=", 1) for flag, item in zip(command, command[1:])
-                if flag == "--set")
-    had = {key: sets[key] if key in sets else str(_config_value(cfg, key)) for key in recipe}
-    differ = [f"{key} {had[key]} (asked {value})" for key, value in recipe.items()
-              if had[key] != str(value)]
+# not compared: where a run wrote and read (a kept run may be copied from another
+# directory), and for the float control the keys of the quantization it never inserts
+NOT_COMPARED = ("output_dir", "model_path")
+CONTROL_IGNORES = ("qat.", "quant.", "calib.")
+
+
+def check_trained_as_asked(out: Path, asked: Config, run: str) -> None:
+    """A kept run must have trained as asked: its own resolved config (``config.yaml`` in its
+    directory, written by qat_train.py) must hold every value the benchmark would run it with
+    now, the config file's defaults included, so a changed default retrains rather than
+    mixing two recipes in one table."""
+    path = out / "config.yaml"
+    saved = _flatten(yaml.safe_load(path.read_text())) if path.exists() else {}
+    differ = [f"{key} {saved.get(key, 'unset')} (asked {value})"
+              for key, value in _flatten(config_to_dict(asked)).items()
+              if key not in NOT_COMPARED and saved.get(key, "unset") != value
+              and not (run == "control" and key.startswith(CONTROL_IGNORES))]
     if differ:
-        raise InputError(f"{out} was trained with {', '.join(differ)}: use another "
-                         "--out-dir, or delete that run to retrain it")
+        raise InputError(f"{out} was trained with {', '.join(differ[:3])}"
+                         f"{f' and {len(differ) - 3} more' if len(differ) > 3 else ''}: use "
+                         "another --out-dir, or delete that run to retrain it")
 
 
-def _config_value(cfg: Config, key: str) -> Any:
-    section, _, name = key.partition(".")
-    if section == "user":
-        return cfg.user.get(name)
-    return getattr(getattr(cfg, section), name)
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections as dotted keys: ``{"qat": {"lr": 1}}`` -> ``{"qat.lr": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -438,7 +462,7 @@ def run_all(bench: Bench, settings: list[str], run_names: list[str], seeds: list
                 cells.append((setting, run, out))
                 if out in results or out in todo:
                     continue
-                if (done := bench.kept(out, recipe)) is not None:
+                if (done := bench.kept(out, setting, run, seed, recipe)) is not None:
                     results[out] = done
                 else:
                     todo[out] = (setting, run, seed, recipe)

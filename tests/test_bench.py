@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from bench.qat_modes import (BATCH, EPOCHS, Bench, check_recipe, frozen_bn_epochs, main,
-                             per_setting, run_all, mode_recipes, summarize)
-from pidnet.config import load_config
+from bench.qat_modes import (BATCH, EPOCHS, Bench, check_trained_as_asked, frozen_bn_epochs,
+                             main, mode_recipes, per_setting, run_all, summarize)
+from pidnet.config import load_config, save_config
 from pidnet.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,23 +89,31 @@ def test_the_learning_rate_is_set_per_setting_not_through_set(capsys):
     assert exc.value.code == 2 and "--lr" in capsys.readouterr().err
 
 
-def test_a_kept_run_trained_otherwise_is_an_error_not_a_figure():
-    cfg = load_config(ROOT / "config.yaml")
-    assert cfg.user["batch_size"] == 8 and cfg.qat.lr == 0.001
-    recipe = {"qat.epochs": 10, "qat.lr": 0.008, "user.train_images": 160,
-              "user.batch_size": 4}
-    command = ["python", "qat_train.py", "--set", "qat.epochs=10", "--set", "qat.lr=0.008",
-               "--set", "user.train_images=160", "--set", "user.batch_size=4"]
-    check_recipe(Path("run"), command, recipe, cfg)      # as asked: kept
-    # a key the command did not set had the config's value: a batch of 8, qat.lr 1e-3
-    with pytest.raises(InputError, match=r"user.batch_size 8 \(asked 4\)"):
-        check_recipe(Path("run"), command[:-2], recipe, cfg)
-    check_recipe(Path("run"), command[:-2], recipe,
-                 dataclasses.replace(cfg, user={**cfg.user, "batch_size": 4}))
+def test_a_kept_run_trained_otherwise_is_an_error_not_a_figure(tmp_path):
+    sets = ["qat.epochs=10", "qat.lr=0.008", "user.batch_size=4", "seed=1"]
+    asked = load_config(ROOT / "config.yaml", sets)
+    run = tmp_path / "direct_seed1"
+    run.mkdir()
+
+    def trained(*items):
+        save_config(load_config(ROOT / "config.yaml", [*sets, *items]), run / "config.yaml")
+
+    trained(f"output_dir={tmp_path / 'elsewhere'}", "model_path=other.pt")
+    check_trained_as_asked(run, asked, "direct")   # as asked, wherever it was written: kept
+    trained("qat.lr=0.001")
     with pytest.raises(InputError, match=r"qat.lr 0.001 \(asked 0.008\)"):
-        check_recipe(Path("run"), [*command[:4], *command[6:]], recipe, cfg)
-    with pytest.raises(InputError, match=r"qat.epochs 3 \(asked 10\)"):
-        check_recipe(Path("run"), ["--set", "qat.epochs=3", *command[4:]], recipe, cfg)
+        check_trained_as_asked(run, asked, "direct")
+    # a default changed since the run: the config file's values count, not only the --set ones
+    trained()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["qat"]["track_weight_ranges"]            # written before the key existed
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(InputError, match=r"qat.track_weight_ranges unset \(asked True\)"):
+        check_trained_as_asked(run, asked, "direct")
+    check_trained_as_asked(run, asked, "control")      # the float control reads no qat.*
+    trained("user.batch_size=8")
+    with pytest.raises(InputError, match=r"user.batch_size 8 \(asked 4\)"):
+        check_trained_as_asked(run, asked, "control")
 
 
 class _FakeBench:
@@ -116,7 +125,7 @@ class _FakeBench:
         self.out, self._kept, self.wrong, self.trained = root, kept, wrong, []
         self._lock = threading.Lock()
 
-    def kept(self, out, recipe):
+    def kept(self, out, setting, run, seed, recipe):
         if out.name == self.wrong:
             raise InputError(f"{out} was trained otherwise")
         return self._kept.get(out.name)
