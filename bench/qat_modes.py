@@ -81,7 +81,8 @@ LR = {"w4a4": 0.008}                          # qat.lr where not the config's (d
 # a mode's ranges where not the config's (docstring): stats' tracking, how long and how fast
 # direct learns them; a --set of a key wins
 MODE_RECIPES = {"w4a4": {"stats": {"qat.freeze_ranges_epochs": 8, "qat.range_momentum": 0.975},
-                         "direct": {"qat.freeze_ranges_epochs": 5, "qat.range_lr_scale": 30}}}
+                         "direct": {"qat.freeze_ranges_epochs": 5, "qat.range_lr_scale": 30,
+                                    "qat.track_weight_ranges": True}}}
 RUNS = (*QAT_MODES, "control")
 Recipe = dict[str, Any]   # config key -> value: how a run trains, beyond its mode and seed
 OUT_DIR = "runs/bench_qat"
@@ -265,7 +266,10 @@ def check_trained_as_asked(out: Path, asked: Config, run: str) -> None:
     now, the config file's defaults included, so a changed default retrains rather than
     mixing two recipes in one table."""
     path = out / "config.yaml"
-    saved = _flatten(yaml.safe_load(path.read_text())) if path.exists() else {}
+    # a key the run's config lacks was added since, with a default that keeps the behaviour
+    # of before: the schema's default
+    saved = {**_flatten(config_to_dict(Config())),
+             **(_flatten(yaml.safe_load(path.read_text())) if path.exists() else {})}
     differ = [f"{key} {saved.get(key, 'unset')} (asked {value})"
               for key, value in _flatten(config_to_dict(asked)).items()
               if key not in NOT_COMPARED and saved.get(key, "unset") != value

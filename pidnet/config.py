@@ -126,7 +126,7 @@ class QatConfig:
                                     # activations, fixed below)
     direct_init_amax: float = ranged(4.0, above=0)   # direct, fixed: data-free starting range
     learn_weight_ranges: bool = False   # every mode: weight step sizes learned too (LSQ)
-    track_weight_ranges: bool = True    # every mode: weight ranges set again from the current
+    track_weight_ranges: bool = False   # every mode: weight ranges set again from the current
                                         # weights (quant.weight_range) before every forward;
                                         # learned weight steps are not tracked
     range_lr_scale: float = ranged(10.0, above=0)    # learning rate of learned ranges / qat.lr

@@ -103,14 +103,16 @@ def test_a_kept_run_trained_otherwise_is_an_error_not_a_figure(tmp_path):
     trained("qat.lr=0.001")
     with pytest.raises(InputError, match=r"qat.lr 0.001 \(asked 0.008\)"):
         check_trained_as_asked(run, asked, "direct")
-    # a default changed since the run: the config file's values count, not only the --set ones
+    # a run written before a key existed had the behaviour its schema default keeps
     trained()
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    del saved["qat"]["track_weight_ranges"]            # written before the key existed
+    del saved["qat"]["track_weight_ranges"]
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
-    with pytest.raises(InputError, match=r"qat.track_weight_ranges unset \(asked True\)"):
-        check_trained_as_asked(run, asked, "direct")
-    check_trained_as_asked(run, asked, "control")      # the float control reads no qat.*
+    check_trained_as_asked(run, asked, "direct")
+    tracked = load_config(ROOT / "config.yaml", [*sets, "qat.track_weight_ranges=true"])
+    with pytest.raises(InputError, match=r"qat.track_weight_ranges False \(asked True\)"):
+        check_trained_as_asked(run, tracked, "direct")
+    check_trained_as_asked(run, tracked, "control")    # the float control reads no qat.*
     trained("user.batch_size=8")
     with pytest.raises(InputError, match=r"user.batch_size 8 \(asked 4\)"):
         check_trained_as_asked(run, asked, "control")
@@ -185,13 +187,15 @@ def test_each_mode_takes_its_own_ranges_recipe_at_w4a4(tmp_path):
     recipes = mode_recipes({**EPOCHS, "w4a4": 10}, [])
     assert recipes == {"w8a8": {}, "w4a8": {}, "w4a4": {
         "stats": {"qat.freeze_ranges_epochs": 8, "qat.range_momentum": 0.975},
-        "direct": {"qat.freeze_ranges_epochs": 5, "qat.range_lr_scale": 30}}}
+        "direct": {"qat.freeze_ranges_epochs": 5, "qat.range_lr_scale": 30,
+                   "qat.track_weight_ranges": True}}}
     # never frozen for more epochs than the run has; a --set of a key serves every run
     short = mode_recipes({**EPOCHS, "w4a4": 4}, [])["w4a4"]
     assert short["stats"]["qat.freeze_ranges_epochs"] == short["direct"][
         "qat.freeze_ranges_epochs"] == 4
     assert mode_recipes(EPOCHS, ["qat.freeze_ranges_epochs=2"])["w4a4"] == {
-        "stats": {"qat.range_momentum": 0.975}, "direct": {"qat.range_lr_scale": 30}}
+        "stats": {"qat.range_momentum": 0.975},
+        "direct": {"qat.range_lr_scale": 30, "qat.track_weight_ranges": True}}
     bench = _FakeBench(tmp_path, kept={})
     run_all(bench, ["w8a8", "w4a4"], ["calib", "stats", "direct", "control"], [0], EPOCHS,
             BATCH, LR, 160, {"w8a8": "entropy", "w4a4": "entropy"}, jobs=1, recipes=recipes)
