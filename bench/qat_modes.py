@@ -23,8 +23,8 @@ QAT budget of 10, in batches of 2 rather than 8 (more steps in the same epochs: 
 that count, not the scenes) at a higher learning rate, 8e-3 rather than the config's 1e-3. At
 W4A4 ``stats`` tracks its ranges for the first 2 epochs only, over a longer moving average
 (tracking is what 4-bit activations punish), and ``direct`` learns its ranges for the first 5
-epochs at 30 times the learning rate, then trains against them fixed. The batch size is the
-hooks' ``user.batch_size`` (``my_model.py``).
+epochs at 30 times the learning rate, then trains against them fixed, its weight ranges
+following its weights. The batch size is the hooks' ``user.batch_size`` (``my_model.py``).
 
 Each run keeps its result as it finishes (``<out-dir>/<setting>/<run>_seed<n>/``; the control,
 which has no quantizers, once per seed, epoch count, batch and learning rate in
@@ -79,7 +79,7 @@ EPOCHS = {"w8a8": 3, "w4a8": 3, "w4a4": 10}   # QAT epochs per setting (module d
 BATCH = {"w8a8": 8, "w4a8": 8, "w4a4": 2}     # training batch per setting (module docstring)
 LR = {"w4a4": 0.008}                          # qat.lr where not the config's (docstring)
 # a mode's ranges where not the config's (docstring): stats' tracking, how long and how fast
-# direct learns them; a --set of a key wins
+# direct learns them, and its weight ranges following the weights; a --set of a key wins
 MODE_RECIPES = {"w4a4": {"stats": {"qat.freeze_ranges_epochs": 8, "qat.range_momentum": 0.975},
                          "direct": {"qat.freeze_ranges_epochs": 5, "qat.range_lr_scale": 30,
                                     "qat.track_weight_ranges": True}}}
