@@ -3,7 +3,8 @@
     python -m bench.qat_modes [--float-weights runs/float/best.pt] [--out-dir runs/bench_qat]
                               [--settings w8a8 w4a8 w4a4] [--seeds 0 1 2]
                               [--epochs w8a8=3 w4a8=3 w4a4=10] [--batch w8a8=8 w4a8=8 w4a4=2]
-                              [--lr w4a4=LR] [--calib-method METHOD] [--train-images 160]
+                              [--lr w4a4=LR] [--calib-method METHOD]
+                              [--train-images w8a8=160 w4a8=160 w4a4=320]
                               [--jobs 2]
 
 For each bit setting: PTQ with every calibration method (deterministic: one calib split), then
@@ -16,15 +17,16 @@ chosen on the data it is reported on: methods are chosen on val, and every figur
 *final* model on the held-out test split (the hooks' ``test`` split; a hooks file without one
 reports val, and the JSON says so).
 
-Each bit setting has its recipe (``EPOCHS``, ``BATCH``, ``LR``, ``MODE_RECIPES``), every part
-chosen on val, seed 0, before the benchmark ran; the figures behind each choice, with their
-commands, are in bench/QAT_MODES.md. 3 epochs suffice at 8-bit activations; W4A4 gets the whole
-QAT budget of 10, in batches of 2 rather than 8 (more steps in the same epochs: it is the steps
-that count, not the scenes) at a higher learning rate, 8e-3 rather than the config's 1e-3. At
-W4A4 ``stats`` tracks its ranges for the first 2 epochs only, over a longer moving average
-(tracking is what 4-bit activations punish), and ``direct`` learns its ranges for the first 5
-epochs at 30 times the learning rate, then trains against them fixed, its weight ranges
-following its weights. The batch size is the hooks' ``user.batch_size`` (``my_model.py``).
+Each bit setting has its recipe (``EPOCHS``, ``BATCH``, ``LR``, ``SCENES``, ``MODE_RECIPES``),
+every part chosen on val before the benchmark ran; the figures behind each choice, with their
+commands, are in bench/QAT_MODES.md. 3 epochs over half the 320 training scenes suffice at 8-bit
+activations; W4A4 gets the whole QAT budget, 10 epochs over all 320 (a third of the float
+model's 28), in batches of 2 rather than 8 at a higher learning rate, 8e-3 rather than the
+config's 1e-3. At W4A4 ``stats`` tracks its ranges for the first 2 epochs only, over a longer
+moving average (tracking is what 4-bit activations punish), and ``direct`` learns its ranges for
+the first 5 epochs at 30 times the learning rate, then trains against them fixed, its weight
+ranges following its weights. The batch size is the hooks' ``user.batch_size``
+(``my_model.py``).
 
 Each run keeps its result as it finishes (``<out-dir>/<setting>/<run>_seed<n>/``; the control,
 which has no quantizers, once per seed, epoch count, batch and learning rate in
@@ -77,6 +79,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4)}
 EPOCHS = {"w8a8": 3, "w4a8": 3, "w4a4": 10}   # QAT epochs per setting (module docstring)
 BATCH = {"w8a8": 8, "w4a8": 8, "w4a4": 2}     # training batch per setting (module docstring)
+SCENES = {"w8a8": 160, "w4a8": 160, "w4a4": 320}   # training scenes per setting (docstring)
 LR = {"w4a4": 0.008}                          # qat.lr where not the config's (docstring)
 # a mode's ranges where not the config's (docstring): stats' tracking, how long and how fast
 # direct learns them, and its weight ranges following the weights; a --set of a key wins
@@ -370,8 +373,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib-method", default=None, choices=CHOICES["calib.method"],
                         help="calibration method of the calib mode and stats' start (default: "
                         "the PTQ method best on val at each setting)")
-    parser.add_argument("--train-images", type=int, default=160,
-                        help="training scenes per epoch (the benchmark's smaller train split)")
+    parser.add_argument("--train-images", nargs="+",
+                        default=[f"{s}={n}" for s, n in SCENES.items()], metavar="SETTING=N",
+                        help="training scenes per epoch per bit setting (a part of the train "
+                        "split where it suffices); a bare N sets every setting")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every run (e.g. qat.range_momentum=0.975)")
     parser.add_argument("--jobs", type=int, default=2,
@@ -385,6 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     epochs = per_setting(args.epochs, EPOCHS, "--epochs", parser)
     batch = per_setting(args.batch, BATCH, "--batch", parser)
+    scenes = per_setting(args.train_images, SCENES, "--train-images", parser)
     lr = per_setting(args.lr, dict.fromkeys(SETTINGS), "--lr", parser, float)   # None: config's
     if any(item.startswith("qat.lr=") for item in args.set):
         parser.error("set the learning rate with --lr (per setting), not --set qat.lr")
@@ -410,22 +416,21 @@ def main(argv: list[str] | None = None) -> None:
     lr = {s: bench.session.cfg.qat.lr if x is None else x for s, x in lr.items()}
     methods = {s: args.calib_method or ptq[s]["best_on_val"] for s in ptq}
     recipes = mode_recipes(epochs, args.set)
-    runs = run_all(bench, args.settings, args.runs, args.seeds, epochs, batch, lr,
-                   args.train_images, methods, args.jobs, recipes)
+    runs = run_all(bench, args.settings, args.runs, args.seeds, epochs, batch, lr, scenes,
+                   methods, args.jobs, recipes)
     rows, goals = summarize(float_fig, ptq, runs, bench.higher)
     speed = step_time_ratio(bench, Path(weights), args.steps)
     table = format_table(rows, ["setting", "run", "mean", "std", "n", "start"])
     print(f"{bench.metric} on the {bench.report_split} split, final epoch, mean and std over "
-          f"seeds {args.seeds}; epochs {epochs}, batch {batch}, learning rate {lr} on "
-          f"{args.train_images} training scenes; * = PTQ method chosen on val (the calib "
-          "mode's method)")
+          f"seeds {args.seeds}; epochs {epochs}, batch {batch}, learning rate {lr}, training "
+          f"scenes {scenes}; * = PTQ method chosen on val (the calib mode's method)")
     print(table)
     cfg = bench.session.cfg
     summary = {
         "metric": bench.metric, "report_split": bench.report_split, "seeds": args.seeds,
         "epochs": epochs, "batch": batch, "lr": lr, "calib_method": methods,
         "mode_recipes": recipes,
-        "train_images": args.train_images,
+        "train_images": scenes,
         "weights": str(weights), "overrides": args.set, "qat": dataclasses.asdict(cfg.qat),
         "float": float_fig,
         "goals": goals, "qat_step_over_float_step": speed["ratio"], "step_times": speed,
@@ -445,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_all(bench: Bench, settings: list[str], run_names: list[str], seeds: list[int],
             epochs: dict[str, int], batch: dict[str, int], lr: dict[str, float],
-            train_images: int, methods: dict[str, str], jobs: int,
+            scenes: dict[str, int], methods: dict[str, str], jobs: int,
             recipes: dict[str, dict[str, Recipe]] | None = None
             ) -> dict[str, dict[str, list[dict]]]:
     """Every (setting, run, seed): kept results as they are (each checked against what is
@@ -458,7 +463,8 @@ def run_all(bench: Bench, settings: list[str], run_names: list[str], seeds: list
         for seed in seeds:
             for run in run_names:
                 recipe = {"qat.epochs": epochs[setting], "qat.lr": lr[setting],
-                          "user.train_images": train_images, "user.batch_size": batch[setting]}
+                          "user.train_images": scenes[setting],
+                          "user.batch_size": batch[setting]}
                 if run != "control":   # no quantizers to calibrate: one control per recipe
                     recipe["calib.method"] = methods[setting]
                 recipe.update((recipes or {}).get(setting, {}).get(run, {}))

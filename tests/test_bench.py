@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench.qat_modes import (BATCH, EPOCHS, Bench, check_trained_as_asked, frozen_bn_epochs,
-                             main, mode_recipes, per_setting, run_all, summarize)
+from bench.qat_modes import (BATCH, EPOCHS, SCENES, Bench, check_trained_as_asked,
+                             frozen_bn_epochs, main, mode_recipes, per_setting, run_all,
+                             summarize)
 from pidnet.config import load_config, save_config
 from pidnet.errors import InputError
 
@@ -143,7 +144,7 @@ class _FakeBench:
 def test_run_all_trains_each_missing_run_once_and_keeps_the_rest(tmp_path):
     bench = _FakeBench(tmp_path, kept={"calib_seed0": {"report": 9.0, "dir": "kept"}})
     runs = run_all(bench, ["w8a8", "w4a8"], ["calib", "control"], [0, 1],
-                   {"w8a8": 3, "w4a8": 3, "w4a4": 10}, BATCH, LR, 160,
+                   {"w8a8": 3, "w4a8": 3, "w4a4": 10}, BATCH, LR, SCENES,
                    {"w8a8": "entropy", "w4a8": "percentile"}, jobs=2)
     # the 3-epoch controls serve both settings: 2 seeds x (2 calib + 1 control), less 2 kept
     # (calib seed 0 of each setting, as the fake keeps by name)
@@ -163,7 +164,7 @@ def test_run_all_trains_each_missing_run_once_and_keeps_the_rest(tmp_path):
 def test_run_all_gives_each_learning_rate_its_own_control(tmp_path):
     bench = _FakeBench(tmp_path, kept={})
     run_all(bench, ["w8a8", "w4a8"], ["control"], [0], EPOCHS, BATCH,
-            {**LR, "w4a8": 0.004}, 160, {"w8a8": "entropy", "w4a8": "entropy"}, jobs=1)
+            {**LR, "w4a8": 0.004}, SCENES, {"w8a8": "entropy", "w4a8": "entropy"}, jobs=1)
     assert sorted((t[0], t[5]) for t in bench.trained) == [
         ("control_3ep_b8_lr0.001_seed0", 0.001), ("control_3ep_b8_lr0.004_seed0", 0.004)]
 
@@ -171,14 +172,14 @@ def test_run_all_gives_each_learning_rate_its_own_control(tmp_path):
 def test_run_all_checks_every_kept_run_before_training_any(tmp_path):
     bench = _FakeBench(tmp_path, kept={}, wrong="direct_seed1")
     with pytest.raises(InputError, match="direct_seed1"):
-        run_all(bench, ["w4a4"], ["direct"], [0, 1], EPOCHS, BATCH, LR, 160,
+        run_all(bench, ["w4a4"], ["direct"], [0, 1], EPOCHS, BATCH, LR, SCENES,
                 {"w4a4": "entropy"}, jobs=2)
     assert bench.trained == []
 
 
 def test_run_all_starts_with_the_longest_trainings(tmp_path):
     bench = _FakeBench(tmp_path, kept={})
-    run_all(bench, ["w8a8", "w4a4"], ["direct"], [0], EPOCHS, BATCH, LR, 160,
+    run_all(bench, ["w8a8", "w4a4"], ["direct"], [0], EPOCHS, BATCH, LR, SCENES,
             {"w8a8": "entropy", "w4a4": "entropy"}, jobs=1)
     assert [(t[1], t[2]) for t in bench.trained] == [("w4a4", 10), ("w8a8", 3)]
 
@@ -198,7 +199,7 @@ def test_each_mode_takes_its_own_ranges_recipe_at_w4a4(tmp_path):
         "direct": {"qat.range_lr_scale": 30, "qat.track_weight_ranges": True}}
     bench = _FakeBench(tmp_path, kept={})
     run_all(bench, ["w8a8", "w4a4"], ["calib", "stats", "direct", "control"], [0], EPOCHS,
-            BATCH, LR, 160, {"w8a8": "entropy", "w4a4": "entropy"}, jobs=1, recipes=recipes)
+            BATCH, LR, SCENES, {"w8a8": "entropy", "w4a4": "entropy"}, jobs=1, recipes=recipes)
     ranges = {(t[1], t[0].partition("_")[0]): (t[6].get("qat.freeze_ranges_epochs"),
                                                 t[6].get("qat.range_momentum"))
               for t in bench.trained}
@@ -206,3 +207,7 @@ def test_each_mode_takes_its_own_ranges_recipe_at_w4a4(tmp_path):
                       ("w4a4", "calib"): (None, None), ("w4a4", "control"): (None, None),
                       ("w8a8", "stats"): (None, None), ("w8a8", "calib"): (None, None),
                       ("w8a8", "direct"): (None, None), ("w8a8", "control"): (None, None)}
+    # W4A4 trains on all 320 scenes, its control too; 8-bit activations on half of them
+    assert {(t[1], t[0].partition("_")[0]): t[6]["user.train_images"] for t in bench.trained} == {
+        (setting, run): 320 if setting == "w4a4" else 160 for setting in ("w8a8", "w4a4")
+        for run in ("calib", "stats", "direct", "control")}
