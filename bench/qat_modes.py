@@ -7,15 +7,15 @@
                               [--train-images w8a8=160 w4a8=160 w4a4=320]
                               [--jobs 2]
 
-For each bit setting: PTQ with every calibration method (deterministic: one calib split), then
-for each seed the three QAT modes and a *float fine-tune control* (``--mode float`` with QAT's
-epochs, learning rate, schedule and frozen batch norm, no quantizers), all through
-qat_train.py with config.yaml. ``calib`` mode calibrates with the PTQ method that did best on
-val at that bit width (or ``--calib-method``), and ``stats`` starts from that method's
-ranges. Nothing reported is
-chosen on the data it is reported on: methods are chosen on val, and every figure is the
-*final* model on the held-out test split (the hooks' ``test`` split; a hooks file without one
-reports val, and the JSON says so).
+For each bit setting: PTQ with every calibration method, percentile at each of
+``calib.percentiles`` (deterministic: one calib split), then for each seed the three QAT modes
+and a *float fine-tune control* (``--mode float`` with QAT's epochs, learning rate, schedule and
+frozen batch norm, no quantizers), all through qat_train.py with config.yaml. ``calib`` mode
+calibrates with the PTQ method that did best on val at that bit width (or ``--calib-method``),
+and ``stats`` starts from that method's ranges. Nothing reported is chosen on the data it is
+reported on: methods are chosen on val, and every figure is the *final* model on the held-out
+test split (the hooks' ``test`` split; a hooks file without one reports val, and the JSON
+says so).
 
 Each bit setting has its recipe (``EPOCHS``, ``BATCH``, ``LR``, ``SCENES``, ``MODE_RECIPES``),
 every part chosen on val before the benchmark ran; the figures behind each choice, with their
@@ -70,7 +70,7 @@ from pidnet.demo import QAT_MODES
 from pidnet.engine import pick_metric, to_device
 from pidnet.errors import InputError
 from pidnet.hooks import load_hooks
-from pidnet.pipeline import (Session, build_criterion, evaluate_model, example_input,
+from pidnet.pipeline import (Session, build_criterion, calibrations, evaluate_model, example_input,
                              load_quantized, quantized_copy_with_stats)
 from pidnet.plots import plot_qat_settings
 from pidnet.reports import format_table, write_json
@@ -155,15 +155,16 @@ class Bench:
         cfg = session.cfg
         model, stats, _ = quantized_copy_with_stats(
             session, self.float_model(), self.hooks.get_data_loader(cfg, "calib"))
-        methods = {}
-        for method in cfg.calib.methods:
-            quant.apply_ranges(model, stats, method, cfg.calib.percentile)
-            methods[method] = self.both(model)
-            logger.info("%s ptq %s: val %.2f test %.2f", setting, method,
-                        methods[method]["val"], methods[method]["test"])
+        methods, configs = {}, {}
+        for calibration in calibrations(cfg.calib):
+            calibration.apply(model, stats)
+            methods[calibration.name] = self.both(model)
+            configs[calibration.name] = calibration.config()
+            logger.info("%s ptq %s: val %.2f test %.2f", setting, calibration.name,
+                        methods[calibration.name]["val"], methods[calibration.name]["test"])
         pick = max if self.higher else min
         best = pick(methods, key=lambda m: methods[m]["val"])
-        done = {"methods": methods, "best_on_val": best}
+        done = {"methods": methods, "best_on_val": best, "configs": configs}
         write_json(path, done)
         return done
 
@@ -414,7 +415,8 @@ def main(argv: list[str] | None = None) -> None:
     float_fig = bench.float_figures()
     ptq = {setting: bench.ptq(setting) for setting in args.settings}
     lr = {s: bench.session.cfg.qat.lr if x is None else x for s, x in lr.items()}
-    methods = {s: args.calib_method or ptq[s]["best_on_val"] for s in ptq}
+    methods = {s: ({"calib.method": args.calib_method} if args.calib_method
+                   else ptq[s]["configs"][ptq[s]["best_on_val"]]) for s in ptq}
     recipes = mode_recipes(epochs, args.set)
     runs = run_all(bench, args.settings, args.runs, args.seeds, epochs, batch, lr, scenes,
                    methods, args.jobs, recipes)
@@ -450,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_all(bench: Bench, settings: list[str], run_names: list[str], seeds: list[int],
             epochs: dict[str, int], batch: dict[str, int], lr: dict[str, float],
-            scenes: dict[str, int], methods: dict[str, str], jobs: int,
+            scenes: dict[str, int], methods: dict[str, Recipe], jobs: int,
             recipes: dict[str, dict[str, Recipe]] | None = None
             ) -> dict[str, dict[str, list[dict]]]:
     """Every (setting, run, seed): kept results as they are (each checked against what is
@@ -466,7 +468,7 @@ def run_all(bench: Bench, settings: list[str], run_names: list[str], seeds: list
                           "user.train_images": scenes[setting],
                           "user.batch_size": batch[setting]}
                 if run != "control":   # no quantizers to calibrate: one control per recipe
-                    recipe["calib.method"] = methods[setting]
+                    recipe.update(methods[setting])
                 recipe.update((recipes or {}).get(setting, {}).get(run, {}))
                 out = bench.run_dir(setting, run, seed, recipe)
                 cells.append((setting, run, out))

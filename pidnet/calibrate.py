@@ -1,8 +1,9 @@
 """``calibrate.py``: post-training quantization, each calibration method side by side.
 
 Statistics are collected once over ``calib.num_batches`` batches of the calib split; every
-method in ``calib.methods`` computes its ranges from them and is evaluated on the val split.
-The best method's quantized model is saved as ``quantized.pt``.
+method in ``calib.methods`` (``percentile`` at each of ``calib.percentiles``) computes its
+ranges from them and is evaluated on the val split. The best one's quantized model is saved as
+``quantized.pt``, and the config keys that make it QAT ``calib`` mode's start are printed.
 """
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import quant
 from .cli import base_parser, run_cli
 from .engine import pick_metric
 from .errors import QualityGateError
-from .pipeline import (build_criterion, build_model, evaluate_model, quantized_copy_with_stats,
-                       require_trained_model, save_quantized, start_session)
+from .pipeline import (build_criterion, build_model, calibrations, evaluate_model,
+                       quantized_copy_with_stats, require_trained_model, save_quantized,
+                       start_session)
 from .reports import format_table, write_json
 
 logger = logging.getLogger(__name__)
@@ -47,24 +48,31 @@ def _calibrate(args: argparse.Namespace) -> None:
 
     rows: list[dict[str, Any]] = []
     uncalibrated: dict[str, list[str]] = {}
-    for method in cfg.calib.methods:
+    chosen = {}
+    for calibration in calibrations(cfg.calib):
         start = time.perf_counter()
-        uncalibrated[method] = quant.apply_ranges(model, stats, method, cfg.calib.percentile)
+        uncalibrated[calibration.name] = calibration.apply(model, stats)
         seconds = stats_seconds + time.perf_counter() - start
         metrics = evaluate_model(session, model, val_loader, criterion)
-        rows.append({"method": method, name: metrics[name],
+        rows.append({"method": calibration.name, name: metrics[name],
                      "drop": float_metrics[name] - metrics[name],
-                     "calib_seconds": round(seconds, 2), "metrics": metrics})
-        logger.info("%s: %s %.2f (float %.2f)", method, name, metrics[name], float_metrics[name])
+                     "calib_seconds": round(seconds, 2), "metrics": metrics,
+                     "config": calibration.config()})
+        chosen[calibration.name] = calibration
+        logger.info("%s: %s %.2f (float %.2f)", calibration.name, name, metrics[name],
+                    float_metrics[name])
 
     best = (max if higher else min)(rows, key=lambda r: r[name])
-    quant.apply_ranges(model, stats, best["method"], cfg.calib.percentile)
+    chosen[best["method"]].apply(model, stats)
     checkpoint = save_quantized(out / "quantized.pt", model, cfg, method=best["method"],
                                 metric=name, value=best[name])
     table = [{"method": "float", name: float_metrics[name], "drop": 0.0}] + rows
     print(format_table(table, ["method", name, "drop", "calib_seconds"]))
+    logger.info("best: %s; QAT calib mode starts from it with %s", best["method"],
+                " ".join(f"--set {k}={v}" for k, v in best["config"].items()))
     results = {"script": "calibrate", "metric": name, "float": float_metrics,
                "methods": rows, "best_method": best["method"], "best": best[name],
+               "best_config": best["config"],
                "uncalibrated_quantizers": uncalibrated, "statistics_seconds": stats_seconds,
                "calib_batches": cfg.calib.num_batches, "checkpoint": str(checkpoint)}
     print(write_json(out / "results.json", results))

@@ -70,7 +70,11 @@ class CalibConfig:
     method: str = "entropy"
     methods: list[str] = field(default_factory=lambda: ["max", "percentile", "mse", "entropy"])
     num_batches: int = ranged(16, 1)
-    percentile: float = ranged(99.99, above=0, high=100)
+    percentile: float = ranged(99.99, above=0, high=100)   # calib.method: percentile's
+    # what calibrate.py compares when percentile is in methods, one row each
+    percentiles: list[float] = field(
+        default_factory=lambda: [99.0, 99.5, 99.9, 99.99, 99.999],
+        metadata={"bounds": Bounds(above=0, high=100)})
 
 
 @dataclass
@@ -191,7 +195,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "export.target": ("tensorrt", "onnxruntime"),
     "quant.weight_range": ("max", "mse"),
 }
-NON_EMPTY = ("calib.methods", "sensitivity.output_file")
+NON_EMPTY = ("calib.methods", "calib.percentiles", "sensitivity.output_file")
 LENGTHS = {"export.input_size": 2}
 # The original README's flat keys and where they live now.
 LEGACY_KEYS: dict[str, str] = {"tolerance": "sensitivity.tolerance",

@@ -1,7 +1,8 @@
 """``make demo``: the whole pipeline on one config, each stage feeding the next.
 
-float training -> PTQ with every calibration method -> QAT in each of the three modes ->
-sensitivity analysis of the best quantized model -> ONNX export -> ``report.md``.
+float training -> PTQ with every calibration method -> QAT in each of the three modes, from
+the calibration PTQ chose -> sensitivity analysis of the best quantized model -> ONNX export
+-> ``report.md``.
 
 Each stage writes into ``<runs>/<stage>``. Rerunning after an interruption skips the stages
 that finished (their ``results.json`` exists), resumes the training stages from ``last.pt``
@@ -51,6 +52,14 @@ def run_stage(name: str, folder: Path, script: Callable[[list[str]], int], args:
         raise SystemExit(f"stage {name} failed with exit code {code}; fix the error above and "
                          "rerun: finished stages are kept")
     return time.perf_counter() - start
+
+
+def chosen_calibration(ptq: dict[str, Any]) -> list[str]:
+    """The config items that start QAT from the calibration PTQ chose on val: ``calib`` mode
+    calibrates with it, ``stats`` starts from its ranges (``qat.stats_range``)."""
+    chosen = ptq.get("best_config", {})   # none in a calibrate run of an older version
+    items = [f"{key}={value}" for key, value in chosen.items()]
+    return items + ([f"qat.stats_range={chosen['calib.method']}"] if chosen else [])
 
 
 def best_quantized(runs: Path) -> tuple[str, Path]:
@@ -142,10 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   ["--mode", "float", *common("float")], resumable=True)}
     seconds["calibrate"] = run_stage("calibrate", runs / "calibrate", calibrate_main,
                                      common("calibrate", f"model_path={float_weights}"))
+    calibration = chosen_calibration(_results(runs / "calibrate"))
     for mode in QAT_MODES:
         seconds[f"qat_{mode}"] = run_stage(
             f"qat {mode}", runs / f"qat_{mode}", train_main,
-            ["--mode", mode, *common(f"qat_{mode}", f"model_path={float_weights}")],
+            ["--mode", mode, *common(f"qat_{mode}", f"model_path={float_weights}",
+                                     *calibration)],
             resumable=True)
     best_name, best_path = best_quantized(runs)
     logger.info("best quantized model: %s (%s)", best_name, best_path)

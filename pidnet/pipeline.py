@@ -17,7 +17,7 @@ from torch import nn
 
 from .atomic import remove_temporaries
 from .checkpoint import load_weights, read_checkpoint, save_checkpoint
-from .config import Config, config_to_dict, load_config, save_config
+from .config import CalibConfig, Config, config_to_dict, load_config, save_config
 from .distributed import init_from_env, is_main, rank
 from .engine import mean_loss, resolve_device, seed_everything, to_device
 from .errors import CheckpointError, DataError, InputError
@@ -154,6 +154,38 @@ def quantized_copy_with_stats(session: Session, float_model: nn.Module, loader: 
     start = time.perf_counter()
     stats = activation_stats(session, model, loader)
     return model, stats, time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """One way to set activation ranges from statistics: a ``calib.method`` (and, for
+    ``percentile``, its ``calib.percentile``)."""
+
+    method: str
+    percentile: float
+
+    @property
+    def name(self) -> str:
+        return f"percentile {self.percentile:g}" if self.method == "percentile" else self.method
+
+    def config(self) -> dict[str, Any]:
+        """The config keys that make this the calibration of ``calib.method``."""
+        keys: dict[str, Any] = {"calib.method": self.method}
+        if self.method == "percentile":
+            keys["calib.percentile"] = self.percentile
+        return keys
+
+    def apply(self, model: nn.Module, stats: dict[str, Any]) -> list[str]:
+        """Set ``model``'s activation ranges from ``stats``; returns the uncalibrated ones."""
+        from . import quant
+        return quant.apply_ranges(model, stats, self.method, self.percentile)
+
+
+def calibrations(calib: CalibConfig) -> list[Calibration]:
+    """What PTQ compares: every method of ``calib.methods``, ``percentile`` once per value of
+    ``calib.percentiles``."""
+    return [Calibration(method, p) for method in calib.methods
+            for p in (calib.percentiles if method == "percentile" else [calib.percentile])]
 
 
 def activation_stats(session: Session, model: nn.Module, loader: Iterable) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from pidnet.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 LR = {"w8a8": 0.001, "w4a8": 0.001, "w4a4": 0.008}
+ENTROPY = {"calib.method": "entropy"}   # a setting's calibration, as run_all takes it
 
 
 def _runs(**means):
@@ -145,15 +146,20 @@ def test_run_all_trains_each_missing_run_once_and_keeps_the_rest(tmp_path):
     bench = _FakeBench(tmp_path, kept={"calib_seed0": {"report": 9.0, "dir": "kept"}})
     runs = run_all(bench, ["w8a8", "w4a8"], ["calib", "control"], [0, 1],
                    {"w8a8": 3, "w4a8": 3, "w4a4": 10}, BATCH, LR, SCENES,
-                   {"w8a8": "entropy", "w4a8": "percentile"}, jobs=2)
+                   {"w8a8": ENTROPY, "w4a8": {"calib.method": "percentile",
+                                              "calib.percentile": 99.5}}, jobs=2)
     # the 3-epoch controls serve both settings: 2 seeds x (2 calib + 1 control), less 2 kept
     # (calib seed 0 of each setting, as the fake keeps by name)
     assert sorted(t[0] for t in bench.trained) == [
         "calib_seed1", "calib_seed1", "control_3ep_b8_lr0.001_seed0",
         "control_3ep_b8_lr0.001_seed1"]
     assert {t[3] for t in bench.trained if t[0] == "calib_seed1"} == {"entropy", "percentile"}
-    # a quantized run's recipe names its calibration method; the shared control's does not
+    # a quantized run's recipe names its calibration (method, and percentile where it has
+    # one); the shared control's does not
     assert {t[3] for t in bench.trained} == {"entropy", "percentile", None}
+    assert [t[6].get("calib.percentile") for t in bench.trained if t[1] == "w4a8"
+            and t[0] == "calib_seed1"] == [99.5]
+    assert not any("calib.percentile" in t[6] for t in bench.trained if t[1] == "w8a8")
     assert all(t[4] == max(1, (os.cpu_count() or 1) // 2) for t in bench.trained)
     assert [r["report"] for r in runs["w4a8"]["calib"]] == [9.0, 1.0]
     assert runs["w8a8"]["control"] == runs["w4a8"]["control"]
@@ -164,7 +170,7 @@ def test_run_all_trains_each_missing_run_once_and_keeps_the_rest(tmp_path):
 def test_run_all_gives_each_learning_rate_its_own_control(tmp_path):
     bench = _FakeBench(tmp_path, kept={})
     run_all(bench, ["w8a8", "w4a8"], ["control"], [0], EPOCHS, BATCH,
-            {**LR, "w4a8": 0.004}, SCENES, {"w8a8": "entropy", "w4a8": "entropy"}, jobs=1)
+            {**LR, "w4a8": 0.004}, SCENES, {"w8a8": ENTROPY, "w4a8": ENTROPY}, jobs=1)
     assert sorted((t[0], t[5]) for t in bench.trained) == [
         ("control_3ep_b8_lr0.001_seed0", 0.001), ("control_3ep_b8_lr0.004_seed0", 0.004)]
 
@@ -173,14 +179,14 @@ def test_run_all_checks_every_kept_run_before_training_any(tmp_path):
     bench = _FakeBench(tmp_path, kept={}, wrong="direct_seed1")
     with pytest.raises(InputError, match="direct_seed1"):
         run_all(bench, ["w4a4"], ["direct"], [0, 1], EPOCHS, BATCH, LR, SCENES,
-                {"w4a4": "entropy"}, jobs=2)
+                {"w4a4": ENTROPY}, jobs=2)
     assert bench.trained == []
 
 
 def test_run_all_starts_with_the_longest_trainings(tmp_path):
     bench = _FakeBench(tmp_path, kept={})
     run_all(bench, ["w8a8", "w4a4"], ["direct"], [0], EPOCHS, BATCH, LR, SCENES,
-            {"w8a8": "entropy", "w4a4": "entropy"}, jobs=1)
+            {"w8a8": ENTROPY, "w4a4": ENTROPY}, jobs=1)
     assert [(t[1], t[2]) for t in bench.trained] == [("w4a4", 10), ("w8a8", 3)]
 
 
@@ -199,7 +205,7 @@ def test_each_mode_takes_its_own_ranges_recipe_at_w4a4(tmp_path):
         "direct": {"qat.range_lr_scale": 30, "qat.track_weight_ranges": True}}
     bench = _FakeBench(tmp_path, kept={})
     run_all(bench, ["w8a8", "w4a4"], ["calib", "stats", "direct", "control"], [0], EPOCHS,
-            BATCH, LR, SCENES, {"w8a8": "entropy", "w4a4": "entropy"}, jobs=1, recipes=recipes)
+            BATCH, LR, SCENES, {"w8a8": ENTROPY, "w4a4": ENTROPY}, jobs=1, recipes=recipes)
     ranges = {(t[1], t[0].partition("_")[0]): (t[6].get("qat.freeze_ranges_epochs"),
                                                 t[6].get("qat.range_momentum"))
               for t in bench.trained}

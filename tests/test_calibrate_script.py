@@ -11,7 +11,8 @@ from pidnet.checkpoint import read_checkpoint
 from pidnet.config import load_config
 from pidnet.errors import CheckpointError
 from pidnet.hooks import load_hooks
-from pidnet.pipeline import Session, build_criterion, evaluate_model, load_quantized
+from pidnet.pipeline import (Session, build_criterion, evaluate_model, load_quantized,
+                             quantized_model)
 from pidnet.train import main as train_main
 
 from .helpers import tiny_config
@@ -27,14 +28,18 @@ def float_weights(tmp_path_factory):
 
 def test_calibrate_compares_all_methods(tmp_path, float_weights, capsys):
     cfg = tiny_config(tmp_path, model_path=str(float_weights),
-                      calib={"num_batches": 1})
+                      calib={"num_batches": 1, "percentiles": [90.0, 99.99]})
     assert calibrate_main(["--config", str(cfg)]) == 0
     out = capsys.readouterr().out
-    for method in ("float", "max", "percentile", "mse", "entropy"):
+    for method in ("float", "max", "percentile 90", "percentile 99.99", "mse", "entropy"):
         assert method in out
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     rows = {r["method"]: r for r in results["methods"]}
-    assert set(rows) == {"max", "percentile", "mse", "entropy"}
+    assert set(rows) == {"max", "percentile 90", "percentile 99.99", "mse", "entropy"}
+    assert rows["percentile 90"]["config"] == {"calib.method": "percentile",
+                                               "calib.percentile": 90.0}
+    assert rows["entropy"]["config"] == {"calib.method": "entropy"}
+    assert rows["percentile 90"]["miou"] != rows["percentile 99.99"]["miou"]
     float_miou = results["float"]["miou"]
     for row in rows.values():
         assert row["drop"] == pytest.approx(float_miou - row["miou"])
@@ -50,6 +55,13 @@ def test_calibrate_compares_all_methods(tmp_path, float_weights, capsys):
     metrics = evaluate_model(session, model, session.hooks.get_data_loader(config, "val"),
                              build_criterion(session))
     assert metrics["miou"] == pytest.approx(results["best"], abs=1e-6)
+    # the config keys it names calibrate the float model to the same ranges (QAT calib's start)
+    config = load_config(cfg, [f"{k}={v}" for k, v in results["best_config"].items()])
+    session = Session(config, tmp_path, load_hooks(config.hooks), torch.device("cpu"))
+    again, _origin = quantized_model(session)
+    assert evaluate_model(session, again, session.hooks.get_data_loader(config, "val"),
+                          build_criterion(session))["miou"] == pytest.approx(results["best"],
+                                                                             abs=1e-6)
     with pytest.raises(CheckpointError, match="not a quantized checkpoint"):
         load_quantized(session, float_weights)
 

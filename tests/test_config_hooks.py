@@ -39,6 +39,7 @@ def test_original_readme_flat_keys(tmp_path):
     ("device=gpu", "must be one of auto, cpu, cuda"),
     ("calib.methods=[max, foo]", "got 'foo'"),
     ("calib.methods=[]", "must not be empty"),
+    ("calib.percentiles=[]", "must not be empty"),
     ("train=3", "must be a section"),
     ("noequals", "KEY=VALUE"),
 ])

@@ -55,9 +55,14 @@ def _cases(key: str, bounds: Bounds) -> tuple[list, list]:
     return bad, good
 
 
+LIST_LENGTHS = {"export.input_size": 2, "calib.percentiles": 1}   # list keys: items each test
+
+
 def _value(key: str, v: float) -> str:
+    """``v`` as ``--set`` writes it for ``key``: every item of a list key."""
     v = int(v) if _kind(key) is int else v
-    return f"[{v}, {v}]" if key == "export.input_size" else repr(v)
+    length = LIST_LENGTHS.get(key)
+    return f"[{', '.join([repr(v)] * length)}]" if length else repr(v)
 
 
 BAD = [(k, v) for k, b in all_bounds().items() for v in _cases(k, b)[0]]
@@ -84,7 +89,9 @@ def test_value_on_the_bound_is_accepted(key, value):
     cfg = load_config(None, [f"{key}={_value(key, value)}"])
     section, _, name = key.rpartition(".")
     got = getattr(getattr(cfg, section) if section else cfg, name)
-    assert got == ([int(value)] * 2 if key == "export.input_size" else pytest.approx(value))
+    value = int(value) if _kind(key) is int else value
+    assert got == (pytest.approx([value] * LIST_LENGTHS[key]) if key in LIST_LENGTHS
+                   else pytest.approx(value))
 
 
 def test_every_numeric_key_has_bounds():
@@ -104,6 +111,7 @@ def test_every_numeric_key_has_bounds():
     (["--set", "quant.weight_bits=33"], "quant.weight_bits"),
     (["--set", "quant.num_bins=0"], "quant.num_bins"),
     (["--set", "calib.percentile=150"], "calib.percentile"),
+    (["--set", "calib.percentiles=[99.5, 0]"], "calib.percentiles"),
     (["--set", "calib.num_batches=0"], "calib.num_batches"),
     (["--set", "user.model=pidnet_x"], "user.model"),
     (["--set", "user.batch_size=0"], "user.batch_size"),

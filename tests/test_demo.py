@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from pidnet.config import load_config
 from pidnet.demo import main as demo_main
 
 from .helpers import TINY_HOOKS, TINY_NET_USER, tiny_config
@@ -13,7 +14,7 @@ def test_demo_runs_every_stage_and_reports_what_the_files_hold(tmp_path, capsys)
     cfg = tiny_config(tmp_path, hooks=TINY_HOOKS, user=TINY_NET_USER,
                       train={"epochs": 2, "lr": 0.05, "log_interval": 0},
                       qat={"epochs": 2, "freeze_bn_epochs": 2, "log_interval": 0},
-                      calib={"num_batches": 1},
+                      calib={"num_batches": 1, "percentiles": [90.0, 99.99]},
                       sensitivity={"num_batches": 1, "tolerance": 100.0},
                       export={"target": "onnxruntime", "eval_batches": 1, "latency_runs": 3,
                               "min_agreement": 0.9})
@@ -27,8 +28,13 @@ def test_demo_runs_every_stage_and_reports_what_the_files_hold(tmp_path, capsys)
     assert rows["float"]["miou"] == ptq["float"]["miou"]
     for method in ptq["methods"]:
         assert rows[f"PTQ {method['method']}"]["miou"] == method["miou"]
+    chosen = ptq["best_config"]   # QAT starts from the calibration PTQ chose on val
+    assert chosen == next(m for m in ptq["methods"] if m["method"] == ptq["best_method"])["config"]
     for mode in ("calib", "stats", "direct"):
         res = json.loads((runs / f"qat_{mode}" / "results.json").read_text())
+        ran = load_config(runs / f"qat_{mode}" / "config.yaml")
+        assert (ran.calib.method, ran.qat.stats_range) == (chosen["calib.method"],) * 2
+        assert ran.calib.percentile == chosen.get("calib.percentile", 99.99)
         row = rows[f"QAT {mode} (final epoch; best)"]
         assert (row["miou"], row["best"]) == (res["final"]["miou"], res["best"])
         assert f"{res['final']['miou']:.2f}" in report
