@@ -149,7 +149,8 @@ class Bench:
     def ptq(self, setting: str) -> dict[str, Any]:
         """Every calibration method at ``setting`` on val and test; the best on val."""
         path = self.out / setting / "ptq.json"
-        if (done := _load_json(path)) is not None:
+        done = _load_json(path)
+        if done is not None and "configs" in done:   # older files lack each method's config
             return done
         session = self.session_for(setting)
         cfg = session.cfg
@@ -415,11 +416,11 @@ def main(argv: list[str] | None = None) -> None:
     float_fig = bench.float_figures()
     ptq = {setting: bench.ptq(setting) for setting in args.settings}
     lr = {s: bench.session.cfg.qat.lr if x is None else x for s, x in lr.items()}
-    methods = {s: ({"calib.method": args.calib_method} if args.calib_method
-                   else ptq[s]["configs"][ptq[s]["best_on_val"]]) for s in ptq}
+    calibration = {s: ({"calib.method": args.calib_method} if args.calib_method
+                       else ptq[s]["configs"][ptq[s]["best_on_val"]]) for s in ptq}
     recipes = mode_recipes(epochs, args.set)
     runs = run_all(bench, args.settings, args.runs, args.seeds, epochs, batch, lr, scenes,
-                   methods, args.jobs, recipes)
+                   calibration, args.jobs, recipes)
     rows, goals = summarize(float_fig, ptq, runs, bench.higher)
     speed = step_time_ratio(bench, Path(weights), args.steps)
     table = format_table(rows, ["setting", "run", "mean", "std", "n", "start"])
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = bench.session.cfg
     summary = {
         "metric": bench.metric, "report_split": bench.report_split, "seeds": args.seeds,
-        "epochs": epochs, "batch": batch, "lr": lr, "calib_method": methods,
+        "epochs": epochs, "batch": batch, "lr": lr, "calibration": calibration,
         "mode_recipes": recipes,
         "train_images": scenes,
         "weights": str(weights), "overrides": args.set, "qat": dataclasses.asdict(cfg.qat),
@@ -452,13 +453,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_all(bench: Bench, settings: list[str], run_names: list[str], seeds: list[int],
             epochs: dict[str, int], batch: dict[str, int], lr: dict[str, float],
-            scenes: dict[str, int], methods: dict[str, Recipe], jobs: int,
+            scenes: dict[str, int], calibration: dict[str, Recipe], jobs: int,
             recipes: dict[str, dict[str, Recipe]] | None = None
             ) -> dict[str, dict[str, list[dict]]]:
     """Every (setting, run, seed): kept results as they are (each checked against what is
     asked before anything trains), the rest trained ``jobs`` at a time. A directory shared
-    by several settings (the control) trains once. ``recipes``: what each mode's runs of a
-    setting add to their recipe (``mode_recipes``)."""
+    by several settings (the control) trains once. ``calibration``: the config keys of each
+    setting's PTQ choice, which its quantized runs add to their recipe; ``recipes``: what each
+    mode's runs of a setting add to theirs (``mode_recipes``)."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     cells, todo, results = [], {}, {}
     for setting in settings:
@@ -468,7 +470,7 @@ def run_all(bench: Bench, settings: list[str], run_names: list[str], seeds: list
                           "user.train_images": scenes[setting],
                           "user.batch_size": batch[setting]}
                 if run != "control":   # no quantizers to calibrate: one control per recipe
-                    recipe.update(methods[setting])
+                    recipe.update(calibration[setting])
                 recipe.update((recipes or {}).get(setting, {}).get(run, {}))
                 out = bench.run_dir(setting, run, seed, recipe)
                 cells.append((setting, run, out))

@@ -48,7 +48,7 @@ def _calibrate(args: argparse.Namespace) -> None:
 
     rows: list[dict[str, Any]] = []
     uncalibrated: dict[str, list[str]] = {}
-    chosen = {}
+    by_name = {}
     for calibration in calibrations(cfg.calib):
         start = time.perf_counter()
         uncalibrated[calibration.name] = calibration.apply(model, stats)
@@ -58,12 +58,12 @@ def _calibrate(args: argparse.Namespace) -> None:
                      "drop": float_metrics[name] - metrics[name],
                      "calib_seconds": round(seconds, 2), "metrics": metrics,
                      "config": calibration.config()})
-        chosen[calibration.name] = calibration
+        by_name[calibration.name] = calibration
         logger.info("%s: %s %.2f (float %.2f)", calibration.name, name, metrics[name],
                     float_metrics[name])
 
     best = (max if higher else min)(rows, key=lambda r: r[name])
-    chosen[best["method"]].apply(model, stats)
+    by_name[best["method"]].apply(model, stats)
     checkpoint = save_quantized(out / "quantized.pt", model, cfg, method=best["method"],
                                 metric=name, value=best[name])
     table = [{"method": "float", name: float_metrics[name], "drop": 0.0}] + rows
