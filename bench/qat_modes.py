@@ -71,7 +71,7 @@ from pidnet.engine import pick_metric, to_device
 from pidnet.errors import InputError
 from pidnet.hooks import load_hooks
 from pidnet.pipeline import (Session, build_criterion, calibrations, evaluate_model, example_input,
-                             load_quantized, quantized_copy_with_stats)
+                             load_quantized, qat_start, quantized_copy_with_stats)
 from pidnet.plots import plot_qat_settings
 from pidnet.reports import format_table, write_json
 
@@ -186,9 +186,8 @@ class Bench:
 
     def run_sets(self, out: Path, setting: str, run: str, seed: int, recipe: Recipe
                  ) -> list[str]:
-        """The ``--set`` items of one training: the benchmark's, then the run's recipe. A
-        quantized run's recipe names its ``calib.method``, which is also where ``stats``
-        starts."""
+        """The ``--set`` items of one training: the benchmark's, then the run's recipe (a
+        quantized run's names its calibration, ``qat_start``)."""
         cfg = self.session.cfg
         epochs = recipe["qat.epochs"]
         weight_bits, act_bits = SETTINGS[setting]
@@ -199,8 +198,6 @@ class Bench:
                 f"qat.freeze_bn_epochs={frozen_bn}",
                 f"qat.freeze_ranges_epochs={min(epochs, cfg.qat.freeze_ranges_epochs)}",
                 *(f"{key}={value}" for key, value in recipe.items())]
-        if "calib.method" in recipe:
-            sets.append(f"qat.stats_range={recipe['calib.method']}")
         if run == "control":   # the same schedule as QAT, no quantizers
             sets = [item for item in sets if not item.startswith("quant.")]
             sets += [f"train.epochs={epochs}", f"train.lr={recipe['qat.lr']}",
@@ -470,7 +467,7 @@ def run_all(bench: Bench, settings: list[str], run_names: list[str], seeds: list
                           "user.train_images": scenes[setting],
                           "user.batch_size": batch[setting]}
                 if run != "control":   # no quantizers to calibrate: one control per recipe
-                    recipe.update(calibration[setting])
+                    recipe.update(qat_start(calibration[setting]))
                 recipe.update((recipes or {}).get(setting, {}).get(run, {}))
                 out = bench.run_dir(setting, run, seed, recipe)
                 cells.append((setting, run, out))

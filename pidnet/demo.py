@@ -21,6 +21,7 @@ from typing import Any
 from .calibrate import main as calibrate_main
 from .cli import EXIT_GATE, EXIT_OK, setup_logging
 from .export_onnx import main as export_main
+from .pipeline import qat_start
 from .plots import plot_qat_curves
 from .reports import atomic_write_text, format_table, write_json
 from .sensitivity_analysis import main as sensitivity_main
@@ -57,9 +58,8 @@ def run_stage(name: str, folder: Path, script: Callable[[list[str]], int], args:
 def chosen_calibration(ptq: dict[str, Any]) -> list[str]:
     """The config items that start QAT from the calibration PTQ chose on val: ``calib`` mode
     calibrates with it, ``stats`` starts from its ranges (``qat.stats_range``)."""
-    chosen = ptq.get("best_config", {})   # none in a calibrate run of an older version
-    items = [f"{key}={value}" for key, value in chosen.items()]
-    return items + ([f"qat.stats_range={chosen['calib.method']}"] if chosen else [])
+    chosen = ptq.get("best_config")   # none in a calibrate run of an older version
+    return [f"{key}={value}" for key, value in qat_start(chosen).items()] if chosen else []
 
 
 def best_quantized(runs: Path) -> tuple[str, Path]:

@@ -181,6 +181,12 @@ class Calibration:
         return quant.apply_ranges(model, stats, self.method, self.percentile)
 
 
+def qat_start(calibration: dict[str, Any]) -> dict[str, Any]:
+    """The config keys that start QAT from a PTQ calibration (``Calibration.config()``):
+    ``calib`` mode calibrates with it, ``stats`` starts from its ranges."""
+    return {**calibration, "qat.stats_range": calibration["calib.method"]}
+
+
 def calibrations(calib: CalibConfig) -> list[Calibration]:
     """What PTQ compares: every method of ``calib.methods``, ``percentile`` once per value of
     ``calib.percentiles``."""
