@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = base_parser("Post-training quantization: compare calibration methods.")
+    parser = base_parser("Post-training quantization: compare calibration methods.",
+                         prog="calibrate.py")
     parser.add_argument("--fail-below", type=float, default=None, metavar="X",
                         help="exit with status 3 when the best method's metric is below X")
     return parser

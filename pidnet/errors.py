@@ -28,3 +28,21 @@ class QualityGateError(Exception):
 
 class TrainingError(Exception):
     """Training cannot go on (for instance a non-finite loss): exit code 1."""
+
+
+class NonFiniteError(TrainingError):
+    """NaN or Inf met in activations (statistics or evaluation): exit code 1, naming the first
+    layer that produced them."""
+
+
+class OutputError(Exception):
+    """A file of the run could not be written (disk full, read-only, permission): exit code 1,
+    one line naming the path; the file it would have replaced is intact."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, as Ctrl-C raises ``KeyboardInterrupt``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

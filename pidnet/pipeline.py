@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -16,11 +17,12 @@ import torch
 from torch import nn
 
 from .atomic import remove_temporaries
-from .checkpoint import load_weights, read_checkpoint, save_checkpoint
+from .checkpoint import extract_state_dict, load_weights, read_checkpoint, save_checkpoint
 from .config import CalibConfig, Config, config_to_dict, load_config, save_config
 from .distributed import init_from_env, is_main, rank
 from .engine import mean_loss, resolve_device, seed_everything, to_device
-from .errors import CheckpointError, DataError, InputError
+from .errors import CheckpointError, DataError, InputError, OutputError
+from .finite import describe_nonfinite, finite_outputs, nonfinite_tensors
 from .hooks import Hooks, load_hooks
 from .reports import prepare_output_dir
 
@@ -35,6 +37,63 @@ class Session:
     out: Path
     hooks: Hooks
     device: torch.device
+    prebuilt: nn.Module | None = None   # the hooks' own model, built to check it at start-up
+
+    def fresh_model(self) -> nn.Module:
+        """The hooks' model as ``get_model`` returns it (the one built at start-up, once)."""
+        model, self.prebuilt = self.prebuilt, None
+        return model if model is not None else self.hooks.get_model(self.cfg)
+
+
+def check_model_input(cfg: Config, hooks: Hooks) -> nn.Module | None:
+    """Everything about the model a run starts from, checked before the run folder exists:
+    ``model_path`` a readable checkpoint file with finite weights, or, without one, the hooks'
+    own model with finite weights (returned, so it is built once)."""
+    if cfg.model_path is None:
+        seed_everything(cfg.seed + rank())   # as for a model built after start-up
+        model = hooks.get_model(cfg)
+        if isinstance(model, nn.Module):
+            bad = nonfinite_tensors(model.state_dict().items())
+            if bad:
+                raise InputError(f"the model get_model in {cfg.hooks} returned holds NaN or Inf "
+                                 f"in {describe_nonfinite(bad)}; fix the weights it loads")
+        return model
+    path = Path(cfg.model_path)
+    if path.is_dir():
+        raise CheckpointError(f"model_path {path} is a directory, not a checkpoint file; "
+                              "point it at a .pt/.pth file")
+    if not path.exists():
+        raise CheckpointError(f"model_path {path} does not exist")
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError:
+        if hooks.model_loads_itself:   # get_model(model_path) may read a format of its own
+            return None
+        raise
+    try:
+        state, _ = extract_state_dict(ckpt)
+    except CheckpointError:
+        if hooks.model_loads_itself:
+            return None
+        raise CheckpointError(f"{path} holds no tensors; point model_path at a state dict or "
+                              "a checkpoint of this toolkit") from None
+    bad = nonfinite_tensors(state.items())
+    if bad:
+        raise CheckpointError(f"{path} holds NaN or Inf in {describe_nonfinite(bad)}; these "
+                              "weights are broken: use an earlier checkpoint or retrain")
+    return None
+
+
+def _write_run_config(cfg: Config, out: Path, created: bool) -> None:
+    """The resolved config into the new run folder; a folder that cannot take it is bad
+    input (nothing has run yet), and a folder made for it is removed again."""
+    try:
+        save_config(cfg, out / "config.yaml")
+    except OutputError as exc:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise InputError(f"{exc}; fix output_dir or set another one") from None
 
 
 def start_session(args: argparse.Namespace, default_output: str, resume: bool = False,
@@ -58,8 +117,8 @@ def start_session(args: argparse.Namespace, default_output: str, resume: bool = 
     if cfg.data_path is not None and not Path(cfg.data_path).exists():
         raise DataError(f"data_path {cfg.data_path} does not exist; fix it, or set it to null "
                         "for the built-in synthetic scenes")
-    if cfg.model_path is not None and not Path(cfg.model_path).is_file():
-        raise CheckpointError(f"model_path {cfg.model_path} does not exist")
+    prebuilt = check_model_input(cfg, hooks)
+    created = not Path(cfg.output_dir).exists()
     out = prepare_output_dir(cfg.output_dir, resume=resume, force=force, resumable=resumable)
     device = init_from_env(device, join=join_group)
     if is_main():   # the one writer, before it writes: a killed run's unfinished writes go
@@ -68,11 +127,12 @@ def start_session(args: argparse.Namespace, default_output: str, resume: bool = 
                         ", ".join(left))
         for item in args.set:
             logger.info("override: %s", item)
-        save_config(cfg, out / "config.yaml")
+        _write_run_config(cfg, out, created)
         logger.info("resolved config: %s", out / "config.yaml")
         logger.debug("config: %s", config_to_dict(cfg))
-    seed_everything(cfg.seed + rank())
-    return Session(cfg, out, hooks, device)
+    if prebuilt is None:   # else seeded before it was built: its init drew the first numbers
+        seed_everything(cfg.seed + rank())
+    return Session(cfg, out, hooks, device, prebuilt)
 
 
 class FixedBatches:
@@ -109,9 +169,14 @@ def build_model(session: Session) -> nn.Module:
     """The hooks' model, with ``model_path`` loaded through the reported loader, on the
     session's device."""
     cfg = session.cfg
-    model = session.hooks.get_model(cfg)
+    model = session.fresh_model()
     if cfg.model_path is not None and not session.hooks.model_loads_itself:
         load_weights(model, cfg.model_path, strict=cfg.strict_load)
+    elif cfg.model_path is not None:   # the hooks loaded it themselves: check what they loaded
+        bad = nonfinite_tensors(model.state_dict().items())
+        if bad:
+            raise CheckpointError(f"get_model in {cfg.hooks} loaded {cfg.model_path} with NaN or "
+                                  f"Inf in {describe_nonfinite(bad)}; these weights are broken")
     return model.to(session.device)
 
 
@@ -124,9 +189,10 @@ def build_criterion(session: Session) -> Callable[[Any, Any], torch.Tensor]:
 
 def evaluate_model(session: Session, model: nn.Module, loader: Iterable,
                    criterion: Callable[[Any, Any], torch.Tensor]) -> dict[str, float]:
-    """The hooks' ``evaluate`` when defined, else the mean criterion loss; never trains."""
+    """The hooks' ``evaluate`` when defined, else the mean criterion loss; never trains. An
+    output with NaN or Inf stops it, naming the layer where they start."""
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), finite_outputs(model, "evaluating"):
         if session.hooks.has_evaluate:
             return session.hooks.evaluate(model, loader, session.cfg)
         return mean_loss(model, loader, criterion, session.device)

@@ -37,8 +37,12 @@ def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]]) -> Path:
 
 def prepare_output_dir(path: str | Path, resume: bool = False, force: bool = False,
                        resumable: bool = True) -> Path:
-    """Make the run folder; refuse to overwrite a finished or started run unless told to."""
+    """Make the run folder; refuse to overwrite a finished or started run unless told to. A
+    folder that cannot be made (a file in the way, no permission, a read-only file system) is
+    an ``InputError`` naming it and the cause."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"output_dir {path} is a file, not a folder; set another output_dir")
     started = (path / "last.pt").exists()
     finished = (path / FINISHED_MARKER).exists()
     if resume:
@@ -48,7 +52,11 @@ def prepare_output_dir(path: str | Path, resume: bool = False, force: bool = Fal
         hint = "pass --resume to continue it, " if resumable and started else "pass "
         raise InputError(f"output_dir {path} already holds a run; {hint}--force to overwrite "
                          "it, or set another output_dir")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create output_dir {path}: {exc.strerror or exc}; set another "
+                         "output_dir") from None
     return path
 
 

@@ -139,6 +139,8 @@ def _analyse(args: argparse.Namespace) -> None:
                             progress=lambda names: progress_bar(names, "layers", leave=True)):
         _append_row(my_rows, {"fingerprint": fingerprint, **row})
         new_rows.append(row)
+        args.progress.saved = (f"{len(done) + len(new_rows)} of {len(layers)} layers measured "
+                               f"in {my_rows} (the same command measures the rest)")
         if not interactive():
             logger.info("layer %s: %s %.4f", row["layer"], picked["name"], row["metric"])
     gathered = {r["layer"]: r for r in _gather_rows(new_rows, session.device)}
@@ -203,5 +205,5 @@ def _write_outputs(session: Session, model: nn.Module, rows: Sequence[dict[str, 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = base_parser("Per-layer quantization sensitivity and the smallest set of layers to "
                          "keep in float.", force_help="start over in an output_dir that holds "
-                         "results or a partial sweep")
+                         "results or a partial sweep", prog="sensitivity_analysis.py")
     return run_cli(_analyse, parser, argv)

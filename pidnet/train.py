@@ -49,7 +49,8 @@ MODES = ("float", "calib", "stats", "direct")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = base_parser("Train a model: the float baseline or one of three QAT approaches.",
-                         force_help="start over in an output_dir that already holds a run")
+                         force_help="start over in an output_dir that already holds a run",
+                         prog="qat_train.py")
     parser.add_argument("--mode", choices=MODES, required=True)
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in output_dir from its last checkpoint (or "
@@ -206,6 +207,9 @@ def _train(args: argparse.Namespace) -> None:
 
     session = start_session(args, default_output=f"runs/{args.mode}", resume=args.resume,
                             force=args.force, validate=needs_weights)
+    args.progress.resume_flag = True
+    if (session.out / "last.pt").exists():
+        args.progress.saved = f"{session.out / 'last.pt'} holds the run so far"
     try:
         _run(session, args)
     finally:
@@ -228,7 +232,7 @@ def _run(session: Session, args: argparse.Namespace) -> None:
     if ckpt is None:
         model = build_model(session)
     else:   # the weights (and quantizers) come from the checkpoint
-        model = session.hooks.get_model(cfg).to(session.device)
+        model = session.fresh_model().to(session.device)
     criterion = build_criterion(session)
     train_loader = session.hooks.get_data_loader(run_cfg, "train")
     val_loader = session.hooks.get_data_loader(run_cfg, "val")
@@ -289,6 +293,7 @@ def _run(session: Session, args: argparse.Namespace) -> None:
         if is_main():
             _save(out, model, mode, optimizer, scheduler, epoch + 1, best, metric_name, history,
                   state, cfg, improved)
+        args.progress.saved = f"{out / 'last.pt'} holds epoch {epoch + 1} of {epochs}"
         barrier()
 
     if state.tracker is not None:

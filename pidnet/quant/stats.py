@@ -11,6 +11,8 @@ from torch import nn
 
 from ..calib import compute_amax
 from ..engine import to_device
+from ..errors import NonFiniteError
+from ..finite import call_model, first_nonfinite_layer
 from .modules import activation_quantizers, quantizers
 
 logger = logging.getLogger(__name__)
@@ -32,6 +34,11 @@ def _merge_bins(counts: torch.Tensor, factor: int) -> torch.Tensor:
     return padded.view(-1, factor).sum(1)
 
 
+class _NonFiniteInput(Exception):
+    """A quantizer met a NaN or an Inf (raised inside the forward, caught by
+    ``collect_stats``)."""
+
+
 class _HistogramCollector:
     def __init__(self, num_bins: int) -> None:
         self.num_bins = num_bins
@@ -44,6 +51,8 @@ class _HistogramCollector:
         x = args[0].detach().abs().float()
         self.seen = True
         batch_max = float(x.max()) if x.numel() else 0.0
+        if not math.isfinite(batch_max):
+            raise _NonFiniteInput
         if batch_max <= 0.0:            # all zeros: they belong in the first bin
             if self.width is not None:
                 self.counts[0] += x.numel()
@@ -72,7 +81,8 @@ def collect_stats(model: nn.Module, batches: Iterable, device: torch.device,
                   num_batches: int | None = None, num_bins: int = 2048
                   ) -> dict[str, ActivationStats | None]:
     """Run up to ``num_batches`` batches in float (quantization off) and histogram the input of
-    every enabled activation quantizer. ``None`` marks a quantizer that saw no non-zero data."""
+    every enabled activation quantizer. ``None`` marks a quantizer that saw no non-zero data.
+    A NaN or an Inf stops it with a ``NonFiniteError`` naming the layer that produced it."""
     targets = activation_quantizers(model)
     collectors = {n: _HistogramCollector(num_bins) for n in targets}
     handles = [q.register_forward_pre_hook(collectors[n]) for n, q in targets.items()]
@@ -84,7 +94,16 @@ def collect_stats(model: nn.Module, batches: Iterable, device: torch.device,
         for i, (inputs, _targets) in enumerate(batches):
             if num_batches is not None and i >= num_batches:
                 break
-            model(to_device(inputs, device))
+            inputs = to_device(inputs, device)
+            try:
+                call_model(model, inputs)
+            except _NonFiniteInput:
+                for h in handles:          # the diagnosing pass runs without the collectors
+                    h.remove()
+                where = first_nonfinite_layer(model, inputs)
+                raise NonFiniteError(f"non-finite activations in calib batch {i} while "
+                                     f"collecting statistics: they start at {where}; check "
+                                     "that layer's weights and the data") from None
     finally:
         for q in targets.values():
             q.enable_quant()
