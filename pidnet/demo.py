@@ -13,14 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .calibrate import main as calibrate_main
-from .cli import EXIT_GATE, EXIT_OK, setup_logging
+from .cli import EXIT_GATE, EXIT_INTERRUPTED, EXIT_OK, setup_logging, stop_on_sigterm
 from .export_onnx import main as export_main
+from .layer_check import describe
 from .pipeline import qat_start
 from .plots import plot_qat_curves
 from .reports import atomic_write_text, format_table, write_json
@@ -49,6 +52,9 @@ def run_stage(name: str, folder: Path, script: Callable[[list[str]], int], args:
     start = time.perf_counter()
     logger.info("stage %s: %s", name, " ".join(args + extra))
     code = script(args + extra)
+    if code in EXIT_INTERRUPTED:   # the stage said what it saved; make demo continues from it
+        logger.info("make demo stopped in stage %s; run it again to continue", name)
+        raise SystemExit(code)
     if code not in accept:
         raise SystemExit(f"stage {name} failed with exit code {code}; fix the error above and "
                          "rerun: finished stages are kept")
@@ -91,6 +97,10 @@ def summary(runs: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     facts = {"metric": metric, "float_layers": sens["float_layers"],
              "sensitivity_met": sens["met"], "exported": export["graphs"]["int8"],
              "speedup": export["latency"]["speedup_over_float"]["int8"],
+             "metric_drop": export["metric_drop"],
+             "max_metric_drop": export["max_metric_drop"],
+             "first_divergence": export["layer_check"]["first_divergence"],
+             "worst_tensors": export["layer_check"]["worst"],
              "agreement": export["agreement"],
              "agreement_folded": export["agreement_folded_pytorch"],
              "agreement_unfused": export["agreement_unfused_onnxruntime"],
@@ -106,6 +116,8 @@ def write_report(runs: Path, exported_from: str, seconds: dict[str, float]) -> P
               for mode in QAT_MODES}
     ptq = {r["stage"]: r[metric] for r in rows if r["stage"].startswith("PTQ")}
     plot_qat_curves(curves, rows[0][metric], ptq, metric, runs / "qat_curves.png")
+    gate = "met" if facts["metric_drop"] <= facts["max_metric_drop"] else "missed"
+    diverged = describe(facts["first_divergence"]) if facts["first_divergence"] else "none"
     table = format_table(rows, ["stage", metric, "best", "source"])
     lines = [
         "# PIDNetQAT demo report", "",
@@ -114,12 +126,15 @@ def write_report(runs: Path, exported_from: str, seconds: dict[str, float]) -> P
         f"- Exported model: {exported_from} -> `{facts['exported']}`",
         f"- Layers kept in float by the sensitivity analysis: {facts['float_layers']}"
         f" (tolerance met: {facts['sensitivity_met']}; sensitivity/results.json)",
+        f"- INT8 in onnxruntime (CPU): {metric} {facts['int8_metric']:.2f}, "
+        f"{facts['metric_drop']:.2f} below PyTorch fake-quant (gate: at most "
+        f"{facts['max_metric_drop']}: {gate}); layer by layer, first divergence: {diverged} "
+        "(export/layers.csv, export/layers.png)",
         f"- INT8 in onnxruntime (CPU): {facts['speedup']:.2f}x the float graph's speed, "
         f"argmax agreement with PyTorch {facts['agreement']:.2%} (the same graph without "
         f"integer kernels: {facts['agreement_unfused']:.2%}; PyTorch alone with batch norm "
-        f"folded: {facts['agreement_folded']:.2%}), {metric} "
-        f"{facts['int8_metric']:.2f}, integer convolutions {facts['integer_convs']} "
-        "(export/results.json)",
+        f"folded: {facts['agreement_folded']:.2%}), integer convolutions "
+        f"{facts['integer_convs']} (export/results.json)",
         "", "![QAT per epoch](qat_curves.png)", "",
         "![Sensitivity per layer](sensitivity/sensitivity.png)", "",
         "Stage wall times this run (0: finished in an earlier run): "
@@ -139,6 +154,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="config override passed to every stage (repeatable)")
     args = parser.parse_args(argv)
     setup_logging()
+    try:
+        with stop_on_sigterm():
+            return _demo(args)
+    except KeyboardInterrupt as exc:   # between stages: each stage reports its own stop
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"stopped by {signal.Signals(signum).name}; finished stages are kept: run make "
+              "demo again to continue", file=sys.stderr)
+        return 128 + signum
+
+
+def _demo(args: argparse.Namespace) -> int:
     runs = Path(args.runs)
     sets = [a for s in args.set for a in ("--set", s)]
 

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from . import quant, runtime
+from . import layer_check, quant, runtime
 from .checkpoint import read_checkpoint
 from .cli import base_parser, run_cli
 from .config import Config
@@ -26,7 +26,8 @@ from .errors import InputError, QualityGateError
 from .metrics import predicted_labels
 from .pipeline import (FixedBatches, build_criterion, check_quantized, evaluate_model,
                        restore_checkpoint, start_session)
-from .reports import format_table, write_json
+from .plots import plot_layer_check
+from .reports import format_table, write_csv, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,13 @@ def trtexec_commands(out: Any, cfg: Config, shape: list[int]) -> dict[str, str]:
                      f"--saveEngine={out / 'float_fp16.engine'}"}
 
 
+def polygraphy_command(out: Any) -> str:
+    """What a TensorRT user runs on a GPU to compare TensorRT with onnxruntime on the INT8
+    graph, every tensor marked as an output (NVIDIA's Polygraphy, on PyPI)."""
+    return (f"polygraphy run {out / 'int8.onnx'} --trt --int8 --onnxrt --trt-outputs mark all "
+            "--onnx-outputs mark all --fail-fast --atol 1e-2 --rtol 1e-2")
+
+
 def _export(args: argparse.Namespace) -> None:
     checked: dict[str, Any] = {}     # the checkpoint, read once while checking the inputs
     session = start_session(
@@ -118,8 +126,27 @@ def _export(args: argparse.Namespace) -> None:
         rewrites = runtime.rewrite_for_onnxruntime(paths["int8"])
         logger.info("rewritten for onnxruntime: %s",
                     ", ".join(f"{what.replace('_', ' ')}: {n}" for what, n in rewrites.items()))
-    logger.info("wrote %s and %s (%d batch norms folded)", paths["float"], paths["int8"],
-                len(folded))
+    rewrites["weights_as_int8"] = runtime.weights_to_int8(paths["int8"])
+    sizes = {k: p.stat().st_size for k, p in paths.items()}
+    logger.info("wrote %s and %s (%d batch norms folded; %.1f MB and %.1f MB, weights stored "
+                "as INT8)", paths["float"], paths["int8"], len(folded), sizes["float"] / 1e6,
+                sizes["int8"] / 1e6)
+
+    # layer by layer: every quantized tensor of the graph against PyTorch's, on one batch
+    layers = layer_check.compare_layers(deployed, paths["int8"], example, exp.threads)
+    write_csv(out / "layers.csv", layers)
+    plot_layer_check(layers, exp.max_step_mismatch, out / "layers.png")
+    diverged = layer_check.first_divergence(layers, exp.max_step_mismatch)
+    worst = sorted(layers, key=lambda r: -r["off_by_more_than_one_step"])[:3]
+    if diverged is not None:
+        logger.warning("first divergence: %s (%s; every tensor in %s)",
+                       layer_check.describe(diverged), diverged["onnx_tensor"],
+                       out / "layers.csv")
+    else:
+        logger.info("layer check: %d quantized tensors, each within one quantization step of "
+                    "PyTorch on at least %.1f%% of its elements (worst: %s)", len(layers),
+                    100 * (1 - exp.max_step_mismatch),
+                    layer_check.describe(worst[0]) if worst else "none compared")
 
     static_batch = None if exp.dynamic_batch else exp.batch
     graphs = {k: runtime.OrtModel(runtime.session(p, exp.threads), static_batch)
@@ -153,17 +180,24 @@ def _export(args: argparse.Namespace) -> None:
     scores = {"pytorch_fake_quant": evaluate_model(session, model, batches, criterion),
               "onnxruntime_int8": evaluate_model(session, graphs["int8"], batches, criterion),
               "onnxruntime_float": evaluate_model(session, graphs["float"], batches, criterion)}
-    name, _ = pick_metric(scores["pytorch_fake_quant"], cfg.metric)
+    name, higher = pick_metric(scores["pytorch_fake_quant"], cfg.metric)
+    drop = scores["pytorch_fake_quant"][name] - scores["onnxruntime_int8"][name]
+    drop = drop if higher else -drop
     ops = runtime.optimized_ops(paths["int8"], exp.threads)
     latency = runtime.paired_latency(paths, tuple(shape), exp.threads, exp.latency_runs)
     commands = trtexec_commands(out, cfg, shape)
 
     rows = [{"graph": k, name: v[name]} for k, v in scores.items()]
     print(format_table(rows, ["graph", name]))
+    print(f"{name} of onnxruntime INT8 {'below' if drop >= 0 else 'above'} PyTorch fake-quant "
+          f"by {abs(drop):.2f} (gate: at most {exp.max_metric_drop} below)")
+    agreement_gate = "off" if exp.min_agreement is None else f"{exp.min_agreement:.2%}"
     print(f"argmax agreement, onnxruntime INT8 vs PyTorch fake-quant: {agreement:.4%} "
-          f"(gate {exp.min_agreement:.2%}; the same graph without integer kernels: "
+          f"(gate {agreement_gate}; the same graph without integer kernels: "
           f"{unfused_agreement:.4%}; PyTorch alone with batch norm folded: "
           f"{folded_agreement:.4%})")
+    print(f"layer check: {len(layers)} quantized tensors compared, first divergence: "
+          f"{layer_check.describe(diverged) if diverged else 'none'}")
     print(f"integer convolutions: {ops['integer_convs']} of {ops['all_convs']}; quantizable "
           f"ops left in float: {ops['float'] or 'none'}")
     print(f"latency, onnxruntime CPU, {exp.threads} threads: float "
@@ -171,24 +205,40 @@ def _export(args: argparse.Namespace) -> None:
           f"({latency['speedup_over_float']['int8']:.2f}x)")
     for line in commands.values():
         print(line)
+    polygraphy = polygraphy_command(out)
+    if exp.target == "tensorrt":
+        print(polygraphy)
     results = {"script": "export_onnx", "target": exp.target, "metric": name,
                "graphs": {k: str(p) for k, p in paths.items()}, "input_shape": shape,
                "dynamic_batch": exp.dynamic_batch, "opset": exp.opset,
                "folded_batch_norms": len(folded), "onnxruntime_rewrites": rewrites,
+               "int8_weights": True, "file_bytes": sizes,
+               "metric_drop": drop, "max_metric_drop": exp.max_metric_drop,
                "agreement": agreement,
                "min_agreement": exp.min_agreement, "pixels_compared": total,
                "agreement_unfused_onnxruntime": unfused_agreement,
                "agreement_folded_pytorch": folded_agreement,
                "metrics": {k: v[name] for k, v in scores.items()},
-               "optimized_int8_graph": ops, "latency": latency, "trtexec": commands}
+               "layer_check": {"tensors": len(layers), "threshold": exp.max_step_mismatch,
+                               "first_divergence": diverged, "worst": worst,
+                               "onnx_tensors": {r["quantizer"]: r["onnx_tensor"]
+                                                for r in layers},
+                               "table": str(out / "layers.csv"),
+                               "plot": str(out / "layers.png")},
+               "optimized_int8_graph": ops, "latency": latency, "trtexec": commands,
+               "polygraphy": polygraphy}
     print(write_json(out / "results.json", results))
-    if agreement < exp.min_agreement:
+    where = f"; first divergence: {layer_check.describe(diverged)}" if diverged else ""
+    if drop > exp.max_metric_drop:
+        raise QualityGateError(f"onnxruntime's INT8 {name} is {drop:.2f} below PyTorch's, more "
+                               f"than export.max_metric_drop {exp.max_metric_drop}{where}")
+    if exp.min_agreement is not None and agreement < exp.min_agreement:
         raise QualityGateError(f"onnxruntime's INT8 argmax agrees with PyTorch's on "
                                f"{agreement:.4%} of pixels, below export.min_agreement "
-                               f"{exp.min_agreement}")
+                               f"{exp.min_agreement}{where}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = base_parser("Export a quantized checkpoint to ONNX (float and INT8 Q/DQ), check it "
-                         "in onnxruntime and time it.")
+                         "in onnxruntime and time it.", prog="export_onnx.py")
     return run_cli(_export, parser, argv)

@@ -90,3 +90,25 @@ def plot_qat_settings(settings: Mapping[str, Mapping[str, Any]], metric: str,
         _draw_curves(ax, s["modes"], s["float"], {f"PTQ {s['ptq_method']}": s["ptq"]}, metric,
                      name.upper())
     return _save(fig, path)
+
+
+def plot_layer_check(rows: Sequence[Mapping[str, Any]], max_share: float,
+                     path: str | Path) -> Path:
+    """Per quantized tensor of the exported graph, in execution order: the share of elements
+    more than one quantization step off PyTorch (bars) and the largest difference in steps
+    (points, right axis); the threshold as a line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.08 * len(rows) + 3), 4))
+    x = range(len(rows))
+    colors = ["tab:orange" if r["kind"] == "weight" else "tab:blue" for r in rows]
+    ax.bar(x, [100 * r["off_by_more_than_one_step"] for r in rows], color=colors, width=0.8)
+    ax.axhline(100 * max_share, color="tab:red", linestyle="--",
+               label=f"threshold {max_share:.1%}")
+    ax.set_ylabel("% of elements more than one step off")
+    ax.set_xlabel("quantized tensor, execution order (blue: activation, orange: weight)")
+    right = ax.twinx()
+    right.plot(list(x), [r["max_steps_off"] for r in rows], "k.", markersize=3)
+    right.set_ylabel("largest difference (steps)")
+    ax.legend(loc="upper left")
+    ax.set_title("INT8 graph against PyTorch fake-quant, tensor by tensor")
+    return _save(fig, path)

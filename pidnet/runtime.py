@@ -292,10 +292,7 @@ def affine_ops_to_depthwise(path: str | Path) -> int:
         _insert_before(graph, node, *new)
         graph.node.remove(node)
         rewritten += 1
-    used = {name for node in graph.node for name in node.input} | \
-        {out.name for out in graph.output}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
+    _remove_unused_initializers(graph)
     del graph.value_info[:]              # shapes inferred for the rewrite, not part of the file
     onnx.save(model, str(path))
     return rewritten
@@ -362,6 +359,49 @@ def pad_conv_input_channels(path: str | Path, multiple: int = 4) -> int:
         padded += 1
     onnx.save(model, str(path))
     return padded
+
+
+def weights_to_int8(path: str | Path) -> int:
+    """Store every quantized weight as its integers, in place: each QuantizeLinear of a
+    constant float weight is computed here (``x / scale`` in float32, rounded half to even,
+    plus the zero point, saturated: ONNX's definition) and its DequantizeLinear reads the
+    integer initializer, as onnxruntime's quantizer and TensorRT's samples write weights.
+    The graph computes the same function bit for bit and is about a quarter of the size.
+    Returns how many weights were converted."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    index = _GraphIndex(graph)
+    converted = 0
+    for q in [n for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]:
+        weight, scale, zero = (index.constant(name) for name in q.input[:3])
+        if weight is None or scale is None or zero is None or weight.dtype != np.float32:
+            continue
+        axis = next((a.i for a in q.attribute if a.name == "axis"), 1)
+        if scale.size > 1:                    # per channel: broadcast along the axis
+            shape = [1] * weight.ndim
+            shape[axis] = scale.size
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        info = np.iinfo(zero.dtype)
+        integers = np.rint(weight / scale.astype(np.float32)) + zero.astype(np.float32)
+        integers = np.clip(integers, info.min, info.max).astype(zero.dtype)
+        name = f"{q.input[0]}_quantized"
+        graph.initializer.append(onnx.numpy_helper.from_array(integers, name))
+        for reader in index.readers[q.output[0]]:
+            for i, tensor in enumerate(reader.input):
+                if tensor == q.output[0]:
+                    reader.input[i] = name
+        graph.node.remove(q)
+        converted += 1
+    _remove_unused_initializers(graph)
+    onnx.save(model, str(path))
+    return converted
+
+
+def _remove_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {name for node in graph.node for name in node.input} | \
+        {out.name for out in graph.output}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
 
 
 def rewrite_for_onnxruntime(path: str | Path) -> dict[str, int]:

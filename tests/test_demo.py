@@ -16,8 +16,7 @@ def test_demo_runs_every_stage_and_reports_what_the_files_hold(tmp_path, capsys)
                       qat={"epochs": 2, "freeze_bn_epochs": 2, "log_interval": 0},
                       calib={"num_batches": 1, "percentiles": [90.0, 99.99]},
                       sensitivity={"num_batches": 1, "tolerance": 100.0},
-                      export={"target": "onnxruntime", "eval_batches": 1, "latency_runs": 3,
-                              "min_agreement": 0.9})
+                      export={"target": "onnxruntime", "eval_batches": 1, "latency_runs": 3})
     runs = tmp_path / "runs"
     assert demo_main(["--config", str(cfg), "--runs", str(runs)]) == 0
     summary = json.loads((runs / "summary.json").read_text())
@@ -41,6 +40,11 @@ def test_demo_runs_every_stage_and_reports_what_the_files_hold(tmp_path, capsys)
     assert summary["speedup"] == export["latency"]["speedup_over_float"]["int8"]
     assert summary["agreement"] == export["agreement"]
     assert f"{export['agreement']:.2%}" in report
+    # the export gate is in the metric's units, met on the default path
+    assert summary["metric_drop"] == export["metric_drop"] <= export["max_metric_drop"] == 0.3
+    gate = f"{export['metric_drop']:.2f} below PyTorch fake-quant (gate: at most 0.3: met)"
+    assert gate in report
+    assert (runs / "export" / "layers.csv").exists()
     assert (runs / "qat_curves.png").exists()
     assert (runs / "sensitivity" / "sensitivity.png").exists()
 

@@ -2,10 +2,13 @@
 through sensitivity_analysis.py's output."""
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
@@ -79,6 +82,16 @@ def test_export_places_qdq_by_target_and_matches_pytorch(tmp_path, tiny_float_we
     out = tmp_path / "run"
     results = json.loads((out / "results.json").read_text())
     assert results["agreement"] >= 0.995
+    assert results["metric_drop"] <= results["max_metric_drop"] == 0.3
+    # layer by layer: every quantized tensor within one step on at least 99% of its elements
+    check = results["layer_check"]
+    rows = list(csv.DictReader((out / "layers.csv").open()))
+    assert check["first_divergence"] is None and len(rows) == check["tensors"] >= 9
+    assert all(float(r["off_by_more_than_one_step"]) <= 0.01 for r in rows)
+    assert {r["kind"] for r in rows} == {"weight", "activation"}
+    assert check["onnx_tensors"]["model.head.weight_quantizer"].endswith(
+        "/head/weight_quantizer/DequantizeLinear_output_0")
+    assert (out / "layers.png").stat().st_size > 0
     # the graph's own function (no integer kernels) and PyTorch's folded model agree too
     assert results["agreement_unfused_onnxruntime"] >= 0.995
     assert results["agreement_folded_pytorch"] >= 0.995
@@ -166,6 +179,11 @@ def test_pidnet_ops_between_convolutions_follow_the_target(tmp_path, target):
             f"QLinear{op}": n - attention.get(op, 0) for op, n in between.items()}}
     else:
         assert {op: graph["float"].get(op) for op in between} == between
+    # weights stored as INT8: the file is about a quarter of the float graph's
+    sizes = results["file_bytes"]
+    assert sizes["int8"] <= 0.3 * sizes["float"]
+    assert not [n for n in Graph(tmp_path / "run" / "int8.onnx").ops("QuantizeLinear")
+                if n.input[0].startswith("model.")]          # no float weight behind a Q
 
 
 def test_float_checkpoint_and_other_target_are_one_line_errors(tmp_path, tiny_float_weights,
@@ -400,3 +418,63 @@ def test_folding_a_negative_gamma_keeps_clipped_weights_on_the_trained_grid(tmp_
     got = runtime.run(runtime.session(path, 1), example)
     out_step = float(model[1].amax) / 127   # the batch norm's output quantizer took its place
     assert float((got - want).abs().max()) <= out_step + 1e-5
+
+
+def _scale_weight(path, layer: str, factor: float) -> None:
+    """Multiply one convolution's weights in the ONNX file by ``factor`` (its INT8 weights'
+    scale, read by their DequantizeLinear): a graph broken on purpose."""
+    model = onnx.load(str(path))
+    nodes = {o: n for n in model.graph.node for o in n.output}
+    (dq,) = [n for n in model.graph.node if n.op_type == "DequantizeLinear"
+             and n.name == f"/model/{layer}/weight_quantizer/DequantizeLinear"]
+    constant = nodes[dq.input[1]]
+    scale = numpy_helper.to_array(constant.attribute[0].t)
+    constant.attribute[0].t.CopyFrom(numpy_helper.from_array(scale * np.float32(factor)))
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "onnxruntime"])
+def test_a_broken_graph_misses_the_metric_gate_and_names_its_layer(tmp_path, tiny_float_weights,
+                                                                  monkeypatch, capsys, target):
+    cfg, ckpt = _calibrated(tmp_path, tiny_float_weights, target)
+    int8_weights = runtime.weights_to_int8
+
+    def broken(path):
+        converted = int8_weights(path)
+        _scale_weight(path, "block/block.0", -1.0)
+        return converted
+
+    monkeypatch.setattr(runtime, "weights_to_int8", broken)
+    assert export_main(["--config", str(cfg), "--set", f"model_path={ckpt}"]) == 3
+    err = capsys.readouterr().err
+    assert "max_metric_drop" in err and "first divergence: block.0 weight" in err
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    first = results["layer_check"]["first_divergence"]
+    assert first["quantizer"] == "model.block.0.weight_quantizer"
+    assert first["off_by_more_than_one_step"] > 0.5
+    assert results["metric_drop"] > 0.3
+    # every tensor before it was computed as in PyTorch
+    rows = list(csv.DictReader((tmp_path / "run" / "layers.csv").open()))
+    before = rows[:int(first["index"])]
+    assert before and all(float(r["off_by_more_than_one_step"]) <= 0.01 for r in before)
+
+
+def test_int8_weight_initializers_compute_what_quantized_float_weights_did(
+        tmp_path, tiny_float_weights, monkeypatch):
+    cfg, ckpt = _calibrated(tmp_path, tiny_float_weights, "onnxruntime")
+    monkeypatch.setattr(runtime, "weights_to_int8", lambda path: 0)   # the graph as before
+    assert export_main(["--config", str(cfg), "--set", f"model_path={ckpt}"]) == 0
+    before, after = tmp_path / "run" / "int8.onnx", tmp_path / "int8_weights.onnx"
+    shutil.copy(before, after)
+    monkeypatch.undo()
+    assert runtime.weights_to_int8(after) == 4                    # every convolution's weights
+    graph = Graph(after)
+    weights = [graph.inits[graph.producer[c.input[1]].input[0]] for c in graph.ops("Conv")]
+    assert [w.dtype for w in weights] == [np.int8] * 4
+    assert after.stat().st_size < before.stat().st_size
+    x = runtime.random_input((1, 3, 64, 128))
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        outputs = [runtime.session(p, 1, level=level).run(None, {"input": x})[0]
+                   for p in (before, after)]
+        assert np.array_equal(*outputs)

@@ -20,11 +20,13 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore", message=".torch.jit.script. is deprecated")
 
 from .modules import (  # noqa: E402
+    WEIGHT,
     QuantAdd,
     QuantBlend,
     QuantReLU,
     activation_quantizers,
     execution_order,
+    grid_bounds,
     has_range,
     insert_quantizers,
     layer_quantizers,
@@ -49,9 +51,10 @@ from .qat import (  # noqa: E402
 from .stats import ActivationStats, apply_ranges, collect_stats, merge_stats  # noqa: E402
 
 __all__ = [
-    "ActivationStats", "LearnedRangeQuantizer", "QuantAdd", "QuantBlend", "QuantReLU",
+    "WEIGHT", "ActivationStats", "LearnedRangeQuantizer", "QuantAdd", "QuantBlend", "QuantReLU",
     "RangeTracker", "activation_quantizers", "apply_ranges", "collect_stats", "disable_all",
-    "execution_order", "export_onnx", "fold_batch_norms", "has_range",
+    "execution_order", "export_onnx", "grid_bounds", "fold_batch_norms",
+    "has_range",
     "insert_quantizers", "layer_quantizers", "layers_enabled", "lsq_grad_scale",
     "make_ranges_learnable", "make_ranges_static", "mirror_learned_ranges",
     "start_learned_ranges", "match_layers", "merge_stats", "quant_state", "quantizers",
