@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from pidnet.config import Bounds, Config
 from pidnet.data import CamVid, Cityscapes, SegmentationTransform, SyntheticScenes, detect_dataset
-from pidnet.engine import main_prediction, seed_worker
+from pidnet.engine import seed_worker
 from pidnet.errors import ConfigError, DataError
 from pidnet.losses import PIDNetLoss
 from pidnet.metrics import ConfusionMatrix
@@ -150,12 +150,17 @@ def get_criterion(cfg: Config) -> PIDNetLoss:
                       ohem_min_kept=user["ohem_min_kept"])
 
 
+def get_prediction(outputs: Any) -> torch.Tensor:
+    """The main logits: PIDNet with its auxiliary heads returns [P head, main, boundary]."""
+    return outputs[1] if isinstance(outputs, (list, tuple)) and len(outputs) == 3 else outputs
+
+
 def evaluate(model: torch.nn.Module, loader: DataLoader, cfg: Config) -> dict[str, float]:
     """mIoU (percent), pixel accuracy and per-class IoU on ``loader``."""
     device = next(model.parameters()).device
     matrix = ConfusionMatrix(num_classes(cfg))
     for images, targets in loader:
-        logits = main_prediction(model(images.to(device)))
+        logits = get_prediction(model(images.to(device)))
         matrix.update(logits, targets["label"].to(device))
     matrix.all_reduce()
     names = getattr(loader.dataset, "class_names", None) or [

@@ -533,7 +533,7 @@ def step_time_ratio(bench: Bench, weights: Path, steps: int) -> dict[str, float]
     float_model = bench.float_model()
     loader = bench.hooks.get_data_loader(cfg, "train")
     qat_model = quant.insert_quantizers(copy.deepcopy(float_model), cfg.quant, cfg.export.target,
-                                        example_input(loader, torch.device("cpu")))
+                                        example_input(bench.session, loader))
     stats = quant.collect_stats(qat_model, loader, torch.device("cpu"), 2)
     quant.apply_ranges(qat_model, stats, cfg.calib.method)
     if cfg.qat.track_weight_ranges:

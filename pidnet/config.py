@@ -84,7 +84,7 @@ class QuantConfig:
     # INT8 and below: what TensorRT's and onnxruntime's integer kernels run
     weight_bits: int = ranged(8, 2, 8)    # per output channel when per_channel
     act_bits: int = ranged(8, 2, 8)       # per tensor
-    per_channel: bool = True
+    per_channel: bool = True        # false: refused where export folds batch norm (README)
     weight_range: str = "max"       # max | mse: the clipped max nearest the float weights
     residual: bool = True           # skip input of residual adds, inputs of the gated fusions
     exclude: list[str] = field(default_factory=list)   # layers kept float: exact names or globs
@@ -124,7 +124,7 @@ class QatConfig:
                                       # stats_range on the trained network's float statistics
                                       # (always | never; auto: at 8-bit activations, where float
                                       # statistics describe what the quantizers see)
-    direct_init: str = "auto"       # direct: lsq (2 mean|x| / sqrt(Q_P) on the first training
+    direct_init: str = "auto"       # direct: lsq (2 mean|x| / sqrt(Q_P) on the first calib
                                     # batch, Esser et al. 2020) | fixed (direct_init_amax;
                                     # gates at their known range, 1) | auto (lsq at 8-bit
                                     # activations, fixed below)
@@ -146,6 +146,11 @@ class SensitivityConfig:
     num_batches: int | None = ranged(None, 1)   # a fixed subset of the val split; null: all
     output_file: str = "sensitivity_model.pt"   # the selected model; relative to output_dir
     max_float_layers: int | None = ranged(None, 0)   # null: any number, short of every layer
+    # the float model the tolerance is measured against: float weights of the model the user
+    # started from; null: the float weights a quantized checkpoint records (its config's
+    # model_path, followed through checkpoints made from checkpoints), else the model itself
+    # with quantizers off (it was quantized here from float weights)
+    reference: str | None = None
 
 
 @dataclass
@@ -172,6 +177,15 @@ class ExportConfig:
 
 
 @dataclass
+class BatchConfig:
+    """What the hooks' loaders yield: ``(inputs, targets)`` pairs, or dicts whose inputs and
+    targets sit under these keys."""
+
+    inputs: str | None = None       # key of the inputs in a dict batch
+    targets: str | None = None      # key of the targets in a dict batch
+
+
+@dataclass
 class Config:
     hooks: str = "my_model.py"
     model_path: str | None = None
@@ -181,6 +195,11 @@ class Config:
     seed: int = ranged(0, 0)
     device: str = "auto"            # auto | cpu | cuda
     metric: str | None = None       # key of evaluate()'s dict; null: miou if present, else first
+    # which of the model's outputs is the prediction (export, the export's check): a dict key
+    # or a sequence index; null: the tensor itself, a dict's only tensor or 'out', a
+    # sequence's only item (a hooks file may define get_prediction(outputs) instead)
+    prediction: str | int | None = None
+    batch: BatchConfig = field(default_factory=BatchConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -365,13 +384,45 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-if __name__ == "__main__":   # python -m pidnet.config: every key's default and allowed values
-    defaults = config_to_dict(Config())
-    for key, bounds in all_bounds().items():
-        node: Any = defaults
-        for part in key.split("."):
-            node = node[part]
-        prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
-        print(f"{key:32s} default {node!r:12s} allowed {bounds.describe(prefix=prefix)}")
-    for key, options in CHOICES.items():
-        print(f"{key:32s} one of {', '.join(options)}")
+def _type_name(hint: Any) -> str:
+    """``int | None`` -> ``int or null``, ``list[float]`` -> ``list of float``."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(hint)[0])}"
+    if origin is dict:
+        return "mapping"
+    return {"NoneType": "null"}.get(hint.__name__, hint.__name__)
+
+
+def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """Every key of the schema, sections flattened in order: (key, type, default, allowed
+    values: the range, the choices, the length, or "any")."""
+    rows: list[tuple[str, str, Any, str]] = []
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        key, hint = f"{prefix}{f.name}", hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows += describe_keys(hint, f"{key}.")
+            continue
+        allowed = []
+        if "bounds" in f.metadata:
+            allowed.append(f.metadata["bounds"].describe(prefix=prefix))
+        if key in CHOICES:
+            allowed.append("one of " + ", ".join(CHOICES[key]))
+        if key in LENGTHS:
+            allowed.append(f"{LENGTHS[key]} values")
+        if key in NON_EMPTY:
+            allowed.append("not empty")
+        if key == "user":
+            allowed.append("free-form, handed to the hooks")
+        rows.append((key, _type_name(hint), getattr(defaults, f.name),
+                     "; ".join(allowed) or "any"))
+    return rows
+
+
+if __name__ == "__main__":   # python -m pidnet.config: every key, its type, default and range
+    for key, kind, default, allowed in describe_keys():
+        print(f"{key:34s} {kind:22s} default {default!r:14s} {allowed}", flush=True)

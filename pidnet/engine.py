@@ -1,12 +1,13 @@
 """The training and evaluation loops, for any model the hooks provide."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from .batches import batch_size, call_model, total_loss
+from .batches import main_prediction  # noqa: F401  (hooks files written earlier import it here)
 from .distributed import is_main
 from .errors import ConfigError, TrainingError
 
@@ -64,6 +67,17 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+@contextlib.contextmanager
+def rng_preserved() -> Iterator[None]:
+    """Every random state as it was before the body: a check that draws a batch (a shuffled
+    loader draws its seed) leaves the run it checks unchanged."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
 def _to_plain(obj: Any) -> Any:
     return [_to_plain(o) for o in obj] if isinstance(obj, tuple) else obj
 
@@ -94,9 +108,11 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: Callable[[Any
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                     log_interval: int = 20, freeze_bn: bool = False,
                     after_backward: Callable[[], None] | None = None) -> dict[str, float]:
-    """One pass over ``loader``; the scheduler steps per iteration. Raises ``TrainingError`` on
-    a non-finite loss so the caller keeps the last good checkpoint. ``freeze_bn`` keeps batch
-    norm layers on their running statistics (as QAT does for its last epochs)."""
+    """One pass over ``loader`` (``(inputs, targets)`` pairs: ``batches.Pairs``); the scheduler
+    steps per iteration. Raises ``TrainingError`` on a non-finite loss so the caller keeps the
+    last good checkpoint. ``freeze_bn`` keeps batch norm layers on their running statistics
+    (as QAT does for its last epochs). A criterion returning a dict of losses is summed; each
+    part is logged."""
     model.train()
     if freeze_bn:
         for module in model.modules():
@@ -106,7 +122,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: Callable[[Any
     start = time.perf_counter()
     for step, (inputs, targets) in enumerate(progress_bar(loader, f"epoch {epoch}")):
         inputs, targets = to_device(inputs, device), to_device(targets, device)
-        loss = criterion(model(inputs), targets)
+        loss, parts = total_loss(criterion(call_model(model, inputs), targets))
         if not torch.isfinite(loss):
             raise TrainingError(f"loss is {loss.item()} at epoch {epoch} step {step}; lower the "
                                 "learning rate or check the data (last good checkpoint kept)")
@@ -119,11 +135,12 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: Callable[[Any
             scheduler.step()
         value = loss.item()
         total, count = total + value, count + 1
-        images += inputs.shape[0] if isinstance(inputs, torch.Tensor) else 1
+        images += batch_size(inputs)
         if log_interval and (step + 1) % log_interval == 0:
             elapsed = time.perf_counter() - start
-            logger.info("epoch %d step %d  loss %.4f (%.4f)  %.1f img/s  lr %.2e", epoch,
-                        step + 1, value, total / count, images / elapsed,
+            named = "".join(f"  {k} {v.item():.4f}" for k, v in parts.items())
+            logger.info("epoch %d step %d  loss %.4f (%.4f)%s  %.1f img/s  lr %.2e", epoch,
+                        step + 1, value, total / count, named, images / elapsed,
                         optimizer.param_groups[0]["lr"])
     if count == 0:
         raise TrainingError("the train loader yielded no batches; check get_data_loader")
@@ -133,12 +150,13 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: Callable[[Any
 @torch.no_grad()
 def mean_loss(model: nn.Module, loader: Iterable, criterion: Callable[[Any, Any], Any],
               device: torch.device) -> dict[str, float]:
-    """The default ``evaluate``: the criterion averaged over the loader."""
+    """The default ``evaluate``: the criterion (its total, for a dict of losses) averaged over
+    the loader's ``(inputs, targets)`` pairs."""
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64), 0
     for inputs, targets in progress_bar(loader, "eval"):
         inputs, targets = to_device(inputs, device), to_device(targets, device)
-        total += criterion(model(inputs), targets).double().cpu()
+        total += total_loss(criterion(call_model(model, inputs), targets))[0].double().cpu()
         count += 1
     stats = torch.tensor([total.item(), float(count)], dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
@@ -167,15 +185,3 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total_steps
     else:
         factor = lambda s: 1.0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def main_prediction(outputs: Any) -> torch.Tensor:
-    """Main prediction of a model output: the tensor itself or, for PIDNet's
-    ``[p, main, boundary]`` list, the main logits."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    if isinstance(outputs, Sequence) and len(outputs) == 3:
-        return outputs[1]
-    if isinstance(outputs, Sequence) and outputs:
-        return outputs[0]
-    raise TypeError(f"cannot find the prediction in a {type(outputs).__name__}")

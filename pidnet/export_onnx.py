@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import onnxruntime as ort
@@ -21,11 +21,12 @@ from . import layer_check, quant, runtime
 from .checkpoint import read_checkpoint
 from .cli import base_parser, run_cli
 from .config import Config
-from .engine import main_prediction, pick_metric, to_device
+from .batches import describe
+from .engine import pick_metric, to_device
 from .errors import InputError, QualityGateError
 from .metrics import predicted_labels
 from .pipeline import (FixedBatches, build_criterion, check_quantized, evaluate_model,
-                       restore_checkpoint, start_session)
+                       example_input, pairs, restore_checkpoint, start_session)
 from .plots import plot_layer_check
 from .reports import format_table, write_csv, write_json
 
@@ -33,30 +34,40 @@ logger = logging.getLogger(__name__)
 
 
 class MainOutput(nn.Module):
-    """The inference form: one tensor out (PIDNet's main logits; auxiliary heads off)."""
+    """The inference form: one tensor out, the prediction ``pick`` finds among the model's
+    outputs (PIDNet's main logits, its auxiliary heads off; ``'out'`` of a torchvision
+    segmentation model)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, pick: Callable[[Any], torch.Tensor]) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.pick = model, pick
         if isinstance(getattr(model, "augment", None), bool):
             model.augment = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return main_prediction(self.model(x))
+        return self.pick(self.model(x))
 
 
 class Resized:
-    """Val batches with their images resized (bilinear) to the deployed ``size``; the targets
-    are kept (an ``evaluate`` that resizes its logits to the labels scores them as usual)."""
+    """Val batches with their images resized (bilinear) to the deployed ``size``, in the
+    loader's own form (a pair, or a dict with the images under ``key``); the targets are kept
+    (an ``evaluate`` that resizes its logits to the labels scores them as usual)."""
 
-    def __init__(self, batches: Any, size: list[int]) -> None:
-        self.batches, self.size = batches, size
+    def __init__(self, batches: Any, size: list[int], key: str | None) -> None:
+        self.batches, self.size, self.key = batches, size, key
         self.dataset = getattr(batches, "dataset", None)
 
+    def _resize(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(images, size=self.size, mode="bilinear",
+                                               align_corners=False)
+
     def __iter__(self):
-        for inputs, targets in self.batches:
-            yield (torch.nn.functional.interpolate(inputs, size=self.size, mode="bilinear",
-                                                   align_corners=False), targets)
+        for batch in self.batches:
+            if isinstance(batch, dict):
+                yield {**batch, self.key: self._resize(batch[self.key])}
+            else:
+                inputs, targets = batch
+                yield self._resize(inputs), targets
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -90,6 +101,21 @@ def trtexec_commands(out: Any, cfg: Config, shape: list[int]) -> dict[str, str]:
                      f"--saveEngine={out / 'float_fp16.engine'}"}
 
 
+@torch.no_grad()
+def output_form(model: nn.Module, x: torch.Tensor, predict: Callable[[Any], torch.Tensor]
+                ) -> Callable[[torch.Tensor], Any] | None:
+    """How the graph's one output is handed to the hooks' criterion and ``evaluate``: in a
+    dict under the key the model returns its prediction by (``{'out': logits}``), else as it
+    is (PIDNet's inference form returns the logits alone)."""
+    outputs = model.eval()(x)
+    prediction = predict(outputs)
+    if isinstance(outputs, dict):
+        key = next((k for k, v in outputs.items() if v is prediction), None)
+        if key is not None:
+            return lambda logits: {key: logits}
+    return None
+
+
 def polygraphy_command(out: Any) -> str:
     """What a TensorRT user runs on a GPU to compare TensorRT with onnxruntime on the INT8
     graph, every tensor marked as an output (NVIDIA's Polygraphy, on PyPI)."""
@@ -106,14 +132,19 @@ def _export(args: argparse.Namespace) -> None:
     model = restore_checkpoint(session, checked["ckpt"]).eval()
     criterion = build_criterion(session)
     batches = FixedBatches.val(session, exp.eval_batches)
-    first = to_device(next(iter(batches))[0], torch.device("cpu"))
+    first = to_device(example_input(session, batches), torch.device("cpu"))
+    if not isinstance(first, torch.Tensor):
+        raise InputError("export_onnx.py writes graphs with one image input; the val "
+                         f"loader's inputs are {describe(first)}")
     if exp.input_size is not None and list(first.shape[-2:]) != exp.input_size:
-        batches = Resized(batches, exp.input_size)   # the check runs at the deployed size
-        first = next(iter(batches))[0]
+        # the check runs at the deployed size
+        batches = Resized(batches, exp.input_size, cfg.batch.inputs)
+        first = to_device(example_input(session, batches), torch.device("cpu"))
     shape = [exp.batch, *first.shape[1:]]
     example = first[:1].expand(*shape).contiguous()
+    predict = lambda outputs: session.hooks.prediction(outputs, cfg)
 
-    deployed = MainOutput(copy.deepcopy(model).cpu()).eval()
+    deployed = MainOutput(copy.deepcopy(model).cpu(), predict).eval()
     folded = quant.fold_batch_norms(deployed, example)
     float_graph = copy.deepcopy(deployed)
     quant.disable_all(float_graph)
@@ -149,13 +180,14 @@ def _export(args: argparse.Namespace) -> None:
                     layer_check.describe(worst[0]) if worst else "none compared")
 
     static_batch = None if exp.dynamic_batch else exp.batch
-    graphs = {k: runtime.OrtModel(runtime.session(p, exp.threads), static_batch)
+    form = output_form(model, first[:1].to(session.device), predict)
+    graphs = {k: runtime.OrtModel(runtime.session(p, exp.threads), static_batch, form)
               for k, p in paths.items()}
     # the same INT8 graph with onnxruntime's optimizer off: no Q/DQ fusion, every op in float
     # between QuantizeLinear / DequantizeLinear, i.e. the graph's fake-quant function as written
     unfused = runtime.OrtModel(runtime.session(paths["int8"], exp.threads,
                                                level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
-                               static_batch)
+                               static_batch, form)
     # argmax agreement of onnxruntime's INT8 graph with the checkpoint's fake-quant model, and
     # two floors that tell where a miss comes from: the graph run without integer kernels (a
     # wrong graph shows here), and PyTorch's own batch-norm-folded model (the same function up
@@ -164,13 +196,12 @@ def _export(args: argparse.Namespace) -> None:
     agree = {"onnxruntime_int8": 0, "onnxruntime_unfused": 0, "pytorch_folded": 0}
     total = 0
     with torch.no_grad():
-        for inputs, _ in batches:
+        for inputs, _ in pairs(session, batches):
             inputs = to_device(inputs, torch.device("cpu"))
             size = inputs.shape[-2:]
-            reference = predicted_labels(main_prediction(model(inputs.to(session.device))).cpu(),
-                                         size)
-            for key, prediction in (("onnxruntime_int8", graphs["int8"](inputs)),
-                                    ("onnxruntime_unfused", unfused(inputs)),
+            reference = predicted_labels(predict(model(inputs.to(session.device))).cpu(), size)
+            for key, prediction in (("onnxruntime_int8", predict(graphs["int8"](inputs))),
+                                    ("onnxruntime_unfused", predict(unfused(inputs))),
                                     ("pytorch_folded", deployed(inputs))):
                 agree[key] += int((reference == predicted_labels(prediction.cpu(), size)).sum())
             total += reference.numel()

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .batches import call_model
 from .errors import NonFiniteError
 
 
@@ -58,11 +59,6 @@ def first_nonfinite_layer(model: nn.Module, inputs: Any) -> str:
         for h in handles:
             h.remove()
     return f"layer '{found[0]}'" if found else "the model's top-level forward"
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """``model(inputs)``; a dict of inputs as keyword arguments."""
-    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
 
 class _NonFiniteOutput(Exception):

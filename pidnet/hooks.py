@@ -8,6 +8,8 @@ Current signatures (DESIGN.md)::
     get_optimizer(model, cfg) -> torch.optim.Optimizer
     get_criterion(cfg) -> callable(outputs, targets) -> scalar tensor
     evaluate(model, loader, cfg) -> dict[str, float]                 optional
+    get_prediction(outputs) -> tensor                                optional: which output
+                                                                     is the prediction
     check_config(cfg) -> None                                        optional: raise
                                                                      ConfigError on a bad value
 
@@ -28,8 +30,10 @@ from types import ModuleType
 from typing import Any
 from collections.abc import Callable, Iterable
 
+import torch
 from torch import nn
 
+from .batches import describe, main_prediction
 from .config import Config
 from .errors import HooksError
 
@@ -41,6 +45,7 @@ SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "get_optimizer": (("model", "cfg"), ("model",)),
     "get_criterion": (("cfg",), ()),
     "evaluate": (("model", "loader", "cfg"), ("model", "loader", "cfg")),
+    "get_prediction": (("outputs",), ("outputs",)),
 }
 SPLITS = ("train", "val", "calib", "test")
 
@@ -154,6 +159,23 @@ class Hooks:
     def has_evaluate(self) -> bool:
         return "evaluate" in self._arity
 
+    def prediction(self, outputs: Any, cfg: Config) -> torch.Tensor:
+        """The prediction among a forward's ``outputs``: the optional ``get_prediction(outputs)``
+        hook, else config key ``prediction``, else the unambiguous cases of
+        ``batches.main_prediction``. Anything else is a ``HooksError`` saying what to set."""
+        if "get_prediction" in self._arity:
+            found = self.module.get_prediction(outputs)
+            if not isinstance(found, torch.Tensor):
+                raise HooksError(f"get_prediction in {self.source} returned "
+                                 f"{describe(found)}, not a tensor")
+            return found
+        try:
+            return main_prediction(outputs, cfg.prediction)
+        except ValueError as exc:
+            raise HooksError(f"{exc}; set config key 'prediction' to the key or index of the "
+                             f"prediction, or define get_prediction(outputs) in {self.source}"
+                             ) from None
+
     def evaluate(self, model: nn.Module, loader: Iterable, cfg: Config) -> dict[str, float]:
         result = self.module.evaluate(model, loader, cfg)
         if not isinstance(result, dict) or not result:
@@ -172,6 +194,7 @@ def load_hooks(spec: str) -> Hooks:
             raise HooksError(f"hooks file {spec} has no {name}(); define "
                              f"{name}({', '.join(SIGNATURES[name][0])})")
         arity[name] = _arity(func, name, spec)
-    if callable(getattr(module, "evaluate", None)):
-        arity["evaluate"] = _arity(module.evaluate, "evaluate", spec)
+    for optional in ("evaluate", "get_prediction"):
+        if callable(getattr(module, optional, None)):
+            arity[optional] = _arity(getattr(module, optional), optional, spec)
     return Hooks(module, spec, arity)

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from .atomic import remove_temporaries
+from .batches import Pairs, call_model
 from .checkpoint import extract_state_dict, load_weights, read_checkpoint, save_checkpoint
 from .config import CalibConfig, Config, config_to_dict, load_config, save_config
 from .distributed import init_from_env, is_main, rank
-from .engine import mean_loss, resolve_device, seed_everything, to_device
+from .engine import mean_loss, resolve_device, rng_preserved, seed_everything, to_device
 from .errors import CheckpointError, DataError, InputError, OutputError
 from .finite import describe_nonfinite, finite_outputs, nonfinite_tensors
 from .hooks import Hooks, load_hooks
@@ -177,7 +178,9 @@ def build_model(session: Session) -> nn.Module:
         if bad:
             raise CheckpointError(f"get_model in {cfg.hooks} loaded {cfg.model_path} with NaN or "
                                   f"Inf in {describe_nonfinite(bad)}; these weights are broken")
-    return model.to(session.device)
+    model = model.to(session.device)
+    check_prediction(session, model)
+    return model
 
 
 def build_criterion(session: Session) -> Callable[[Any, Any], torch.Tensor]:
@@ -195,15 +198,38 @@ def evaluate_model(session: Session, model: nn.Module, loader: Iterable,
     with torch.no_grad(), finite_outputs(model, "evaluating"):
         if session.hooks.has_evaluate:
             return session.hooks.evaluate(model, loader, session.cfg)
-        return mean_loss(model, loader, criterion, session.device)
+        return mean_loss(model, pairs(session, loader), criterion, session.device)
 
 
-def example_input(loader: Iterable, device: torch.device) -> Any:
-    """The inputs of the first batch of ``loader``, on ``device`` (for one forward pass that
-    reads the model's structure)."""
-    for inputs, _targets in loader:
-        return to_device(inputs, device)
+def pairs(session: Session, loader: Iterable) -> Pairs:
+    """``loader``'s batches as ``(inputs, targets)`` (dict batches by ``batch.inputs`` and
+    ``batch.targets``), for the toolkit's own loops; the hooks' ``evaluate`` gets the loader
+    as it is."""
+    return Pairs(loader, session.cfg.batch.inputs, session.cfg.batch.targets)
+
+
+def example_input(session: Session, loader: Iterable) -> Any:
+    """The inputs of the first batch of ``loader``, on the session's device (for one forward
+    pass that reads the model's structure)."""
+    for inputs, _targets in pairs(session, loader):
+        return to_device(inputs, session.device)
     raise DataError("the data loader yielded no batches; check get_data_loader")
+
+
+def check_prediction(session: Session, model: nn.Module) -> None:
+    """One forward pass of the first val batch: the prediction is found among the model's
+    outputs now (``hooks.prediction``), so an ambiguous output stops the first script that
+    meets it, with one line, not the export at the end of the pipeline. The random state is
+    left as it was, so the run is the one it would be without the check."""
+    with rng_preserved():
+        inputs = example_input(session, session.hooks.get_data_loader(session.cfg, "val"))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            outputs = call_model(model.eval(), inputs)
+    finally:
+        model.train(was_training)
+    session.hooks.prediction(outputs, session.cfg)
 
 
 def quantized_copy_with_stats(session: Session, float_model: nn.Module, loader: Iterable
@@ -215,7 +241,7 @@ def quantized_copy_with_stats(session: Session, float_model: nn.Module, loader: 
 
     cfg = session.cfg
     model = quant.insert_quantizers(copy.deepcopy(float_model), cfg.quant, cfg.export.target,
-                                    example_input(loader, session.device))
+                                    example_input(session, loader))
     model = model.to(session.device)
     start = time.perf_counter()
     stats = activation_stats(session, model, loader)
@@ -266,7 +292,7 @@ def activation_stats(session: Session, model: nn.Module, loader: Iterable) -> di
     from . import quant
 
     cfg = session.cfg
-    return quant.merge_stats(quant.collect_stats(model, loader, session.device,
+    return quant.merge_stats(quant.collect_stats(model, pairs(session, loader), session.device,
                                                  cfg.calib.num_batches, cfg.quant.num_bins))
 
 
@@ -310,8 +336,10 @@ def restore_checkpoint(session: Session, ckpt: dict[str, Any]) -> nn.Module:
     if session.hooks.model_loads_itself:   # get_model(model_path) builds from the float weights
         cfg = dataclasses.replace(cfg, model_path=ckpt.get("config", {}).get("model_path"))
     model = session.hooks.get_model(cfg)
-    model = quant.restore_quantized(model, ckpt["modelopt_state"], ckpt["model"])
-    return model.to(session.device)
+    model = quant.restore_quantized(model, ckpt["modelopt_state"], ckpt["model"]).to(
+        session.device)
+    check_prediction(session, model)
+    return model
 
 
 def load_quantized(session: Session, path: str | Path) -> nn.Module:

@@ -50,6 +50,8 @@ def prepare_output_dir(path: str | Path, resume: bool = False, force: bool = Fal
             raise InputError(f"{path} holds finished results but no last.pt to resume from")
     elif (started or finished) and not force:
         hint = "pass --resume to continue it, " if resumable and started else "pass "
+        if (path / "sensitivity.json").exists():   # a finished sweep: select again from it
+            hint = "pass --reselect to select again from its layers (another tolerance), "
         raise InputError(f"output_dir {path} already holds a run; {hint}--force to overwrite "
                          "it, or set another output_dir")
     try:

@@ -7,6 +7,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,14 +56,21 @@ def run(sess: ort.InferenceSession, x: torch.Tensor) -> torch.Tensor:
 class OrtModel(nn.Module):
     """An onnxruntime session behind ``nn.Module.forward``, so the hooks' ``evaluate`` scores
     the exported graph as it scores the PyTorch model. A static batch size is met by running
-    the batch in slices (the last one padded)."""
+    the batch in slices (the last one padded). ``form`` puts the graph's one output where the
+    PyTorch model returns its prediction (``{'out': logits}`` for a torchvision model), so the
+    hooks' criterion and ``evaluate`` read it as they read the model's."""
 
-    def __init__(self, sess: ort.InferenceSession, batch: int | None) -> None:
+    def __init__(self, sess: ort.InferenceSession, batch: int | None,
+                 form: Callable[[torch.Tensor], Any] | None = None) -> None:
         super().__init__()
-        self.sess, self.batch = sess, batch
+        self.sess, self.batch, self.form = sess, batch, form
         self._device_anchor = nn.Parameter(torch.zeros(()), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> Any:
+        logits = self._logits(x)
+        return self.form(logits) if self.form is not None else logits
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch is None or len(x) == self.batch:
             return run(self.sess, x)
         parts = []

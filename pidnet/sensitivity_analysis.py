@@ -10,6 +10,7 @@ alone, so any hooks file works); rank 0 gathers the rows, selects and writes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,13 +24,14 @@ import torch.distributed as dist
 from torch import nn
 
 from . import quant
+from .checkpoint import load_weights, read_checkpoint
 from .cli import base_parser, run_cli
 from .config import Config, config_to_dict
 from .distributed import env_world_size, join_group, rank, shutdown
-from .engine import interactive, pick_metric, progress_bar, to_device
+from .engine import interactive, pick_metric, progress_bar
 from .errors import InputError, QualityGateError
-from .pipeline import (FixedBatches, Session, build_criterion, evaluate_model, quantized_model,
-                       require_trained_model, save_quantized, start_session)
+from .pipeline import (FixedBatches, Session, build_criterion, evaluate_model, example_input,
+                       quantized_model, require_trained_model, save_quantized, start_session)
 from .plots import plot_sensitivity
 from .reports import versions, write_csv, write_json
 from .sensitivity import (Objective, exclude_override, rank_layers, select_float_layers,
@@ -88,15 +90,88 @@ def _gather_rows(rows: list[dict[str, Any]], device: torch.device) -> list[dict[
     return [r for part in gathered for r in part]
 
 
+_MEASURED = ("layer", "metric", "metrics", "seconds")   # what a row holds before selection
+
+
+def _finished_sweep(out: Path, fingerprint: str) -> dict[str, Any]:
+    """The finished sweep in ``out`` (``sensitivity.json``), for ``--reselect``: measured on
+    the same model, batches and quantization as now asked (tolerance and the number of float
+    layers may differ)."""
+    path = out / "sensitivity.json"
+    if not path.is_file():
+        raise InputError(f"--reselect needs a finished sweep in {out} (sensitivity.json); run "
+                         "the sweep without --reselect first")
+    report = json.loads(path.read_text())
+    if report.get("meta", {}).get("fingerprint") != fingerprint:
+        raise InputError(f"{path} was measured on another model or config; run the sweep "
+                         "again with --force")
+    return report
+
+
+def _recorded_float_weights(path: str | None, hops: int = 4) -> str | None:
+    """The float weights a quantized checkpoint was made from: its config's ``model_path``,
+    followed through checkpoints made from checkpoints (a selection of a QAT model of float
+    weights). None where no float file is recorded or it is gone."""
+    for _ in range(hops):
+        if path is None or not Path(path).is_file():
+            return None
+        try:
+            ckpt = read_checkpoint(path)
+        except InputError:
+            return None
+        if ckpt.get("kind") != "quantized":
+            return path
+        path = ckpt.get("config", {}).get("model_path")
+    return None
+
+
+def reference_model(session: Session) -> tuple[nn.Module | None, str]:
+    """The float model the user started from, which the tolerance is measured against, and
+    where it came from. None where the quantized model with its quantizers off is that model:
+    it was quantized here from float weights or from the hooks' own model. A QAT checkpoint's
+    weights with quantizers off are not: they were trained to be quantized."""
+    cfg = session.cfg
+    path = cfg.sensitivity.reference
+    how = "sensitivity.reference"
+    if path is None and cfg.model_path is not None:
+        ckpt = read_checkpoint(cfg.model_path)
+        if ckpt.get("kind") != "quantized":
+            return None, "the float weights model_path names"
+        recorded = ckpt.get("config", {}).get("model_path")
+        path, how = _recorded_float_weights(recorded), "recorded in the checkpoint"
+        if path is None:
+            if recorded is None and session.hooks.returns_trained_model:
+                # quantized from the hooks' own model: the model as get_model returns it
+                model = session.hooks.get_model(dataclasses.replace(cfg, model_path=None))
+                return model.to(session.device).eval(), f"get_model in {cfg.hooks}"
+            logger.warning("%s records no float weights that exist (%s): the float baseline is "
+                           "its own weights with quantizers off, which QAT trained to be "
+                           "quantized; set sensitivity.reference to the float weights",
+                           cfg.model_path, recorded)
+            return None, "the checkpoint's weights with quantizers off"
+    elif path is None:
+        return None, "the float model quantized here"
+    float_cfg = dataclasses.replace(cfg, model_path=path)
+    model = session.hooks.get_model(float_cfg)
+    if not session.hooks.model_loads_itself:
+        load_weights(model, path, strict=cfg.strict_load)
+    return model.to(session.device).eval(), f"float weights {path} ({how})"
+
+
 def _analyse(args: argparse.Namespace) -> None:
     session = start_session(
-        args, default_output="runs/sensitivity", force=args.force, resumable=False,
-        validate=lambda cfg, hooks: require_trained_model(hooks, cfg, "sensitivity_analysis.py"),
-        join_group=False)
+        args, default_output="runs/sensitivity", force=args.force or args.reselect,
+        resumable=False, join_group=False,
+        validate=lambda cfg, hooks: require_trained_model(hooks, cfg, "sensitivity_analysis.py"))
     cfg, out = session.cfg, session.out
     fingerprint = _fingerprint(cfg)
     my_rows = out / f"sensitivity.rows.rank{rank()}.jsonl"
-    if args.force:
+    finished = _finished_sweep(out, fingerprint) if args.reselect else None
+    if finished is not None:     # every layer measured: only the selection runs again
+        done = {r["layer"]: {k: r[k] for k in _MEASURED if k in r} for r in finished["layers"]}
+        logger.info("selecting again from the %d layers measured in %s", len(done),
+                    out / "sensitivity.json")
+    elif args.force:
         my_rows.unlink(missing_ok=True)
         if rank() == 0:
             for path in out.glob(ROWS_GLOB):
@@ -109,10 +184,12 @@ def _analyse(args: argparse.Namespace) -> None:
     model, source = quantized_model(session)
     criterion = build_criterion(session)
     batches = FixedBatches.val(session, cfg.sensitivity.num_batches)
-    first = next(iter(batches))[0]
-    layers = quant.execution_order(model, to_device(first, session.device))
+    layers = quant.execution_order(model, example_input(session, batches))
 
     picked: dict[str, Any] = {}
+    if finished is not None:
+        picked["name"] = finished["meta"]["metric"]
+        picked["higher"] = finished["meta"]["higher_is_better"]
 
     def measure() -> float:
         metrics = evaluate_model(session, model, batches, criterion)
@@ -122,13 +199,19 @@ def _analyse(args: argparse.Namespace) -> None:
 
     # rank 0 alone measures the baselines (and later selects): it takes the smaller share
     baseline: dict[str, float] = {}
-    if rank() == 0:
+    if finished is not None:
+        baseline = dict(finished["baseline"])
+    elif rank() == 0:
         with quant.layers_enabled(model, layers, False):
-            baseline["float"] = measure()
+            baseline["quantizers_off"] = measure()
+        reference, reference_source = reference_model(session)
+        baseline["float"] = baseline["quantizers_off"] if reference is None else \
+            evaluate_model(session, reference, batches, criterion)[picked["name"]]
         baseline["quantized"] = measure()
-        logger.info("%s: float %.4f, fully quantized %.4f; %d layers (%s), %d already measured",
-                    picked["name"], baseline["float"], baseline["quantized"], len(layers),
-                    source, len(done))
+        logger.info("%s: float %.4f (%s), quantizers off %.4f, fully quantized %.4f; %d layers "
+                    "(%s), %d already measured", picked["name"], baseline["float"],
+                    reference_source, baseline["quantizers_off"], baseline["quantized"],
+                    len(layers), source, len(done))
     # each layer has one owner, fixed by its position (not by what a rank found finished, as
     # other ranks may already be appending this run's rows); rank 0 owns the smaller share
     owned = layers[(rank() + 1) % env_world_size()::env_world_size()]
@@ -180,7 +263,7 @@ def _write_outputs(session: Session, model: nn.Module, rows: Sequence[dict[str, 
     rows = [{**r, "sensitivity_rank": ranks[r["layer"]]} for r in rows]
     report = {
         "meta": {"versions": versions(), "config": config_to_dict(cfg), "seed": cfg.seed,
-                 "model_source": source, "metric": metric,
+                 "model_source": source, "metric": metric, "fingerprint": _fingerprint(cfg),
                  "higher_is_better": objective.higher_is_better,
                  "direction": sens.direction, "tolerance": sens.tolerance,
                  "batches": batches if batches is not None else "all of the val split",
@@ -206,4 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = base_parser("Per-layer quantization sensitivity and the smallest set of layers to "
                          "keep in float.", force_help="start over in an output_dir that holds "
                          "results or a partial sweep", prog="sensitivity_analysis.py")
+    parser.add_argument("--reselect", action="store_true",
+                        help="select again from the finished sweep in output_dir (another "
+                        "sensitivity.tolerance or max_float_layers): only the selection steps "
+                        "are measured")
     return run_cli(_analyse, parser, argv)

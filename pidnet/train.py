@@ -6,7 +6,7 @@
                    ``qat.stats_range``) start the run and follow the data by moving average,
                    frozen for the last ``qat.freeze_ranges_epochs``.
 ``--mode direct``  no calibration pass: ranges are learned by gradient (LSQ), starting from
-                   LSQ's initialisation on the first training batch (``qat.direct_init: lsq``)
+                   LSQ's initialisation on the first calib batch (``qat.direct_init: lsq``)
                    or at ``qat.direct_init_amax`` with no data at all (``fixed``; sigmoid
                    gates and their complements start at their known range, 1); ``auto``:
                    ``lsq`` at 8-bit activations, ``fixed`` below.
@@ -35,10 +35,10 @@ from .cli import base_parser, run_cli
 from .config import Config, config_to_dict
 from .distributed import barrier, is_main, shutdown, world_size
 from .engine import build_scheduler, pick_metric, rng_state, set_rng_state, train_one_epoch
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .hooks import Hooks
 from .pipeline import (Session, activation_stats, build_criterion, build_model, evaluate_model,
-                       example_input, quantized_copy_with_stats, require_trained_model,
+                       example_input, pairs, quantized_copy_with_stats, require_trained_model,
                        start_session)
 from .reports import write_csv, write_json
 
@@ -102,14 +102,14 @@ def _prepare_qat(session: Session, model: nn.Module, mode: str, criterion: Calla
         if mode == "calib":
             model = ptq
         else:   # one forward pass reads the structure
-            example = example_input(calib_loader, session.device)
+            example = example_input(session, calib_loader)
             model = quant.insert_quantizers(model, cfg.quant, cfg.export.target, example)
         if mode == "stats":
             quant.apply_ranges(model, stats, cfg.qat.stats_range, cfg.calib.percentile)
             if cfg.qat.stats_range == "max":   # the raw max tracks the raw batch max
                 state.range_ratios = {n: 1.0 for n in quant.activation_quantizers(model)}
         elif mode == "direct" and direct_start(cfg) == "lsq":
-            lsq_batch = example   # LSQ starts from the first batch, as its first step would
+            lsq_batch = example   # LSQ starts from the first calib batch
     model = model.to(session.device)
     if mode == "direct" or cfg.qat.learn_weight_ranges:
         state.range_params = quant.make_ranges_learnable(
@@ -173,30 +173,24 @@ def _broadcast(params: list[nn.Parameter]) -> None:
 
 
 def _sync_range_grads(params: list[nn.Parameter]) -> Callable[[], None] | None:
-    """Average the learned ranges' gradients over ranks (they are not DDP parameters)."""
+    """Average the learned ranges' gradients over ranks (they are not DDP parameters). Only
+    ranges still learning take part: a frozen one keeps no gradient on any rank, so the
+    optimizer leaves it where it is (a zero gradient would move it by momentum), as one
+    process does."""
     if world_size() == 1 or not params:
         return None
 
     def sync() -> None:
-        grads = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p)
-                             for p in params])
-        dist.all_reduce(grads)
-        for p, g in zip(params, grads / world_size()):
-            p.grad = g
+        learning = [p for p in params if p.requires_grad]
+        if not learning:
+            return
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in learning])
+        dist.all_reduce(flat)
+        flat /= world_size()
+        for p, g in zip(learning, flat.split([p.numel() for p in learning])):
+            p.grad = g.reshape(p.shape)
     return sync
-
-
-def _sync_tracked_ranges(model: nn.Module) -> None:
-    """Average the stats-mode ranges over ranks at the end of an epoch."""
-    from . import quant
-
-    if world_size() == 1:
-        return
-    for q in quant.activation_quantizers(model).values():
-        if q.amax is not None:
-            amax = q.amax.clone()
-            dist.all_reduce(amax)
-            q.amax = amax / world_size()
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -204,6 +198,13 @@ def _train(args: argparse.Namespace) -> None:
         started = (Path(cfg.output_dir) / "last.pt").exists()
         if args.mode != "float" and not (args.resume and started):
             require_trained_model(hooks, cfg, f"--mode {args.mode}")
+        if args.mode in ("stats", "direct") and cfg.qat.freeze_ranges_epochs >= cfg.qat.epochs:
+            what = "track" if args.mode == "stats" else "learn"
+            frozen = cfg.qat.freeze_ranges_epochs
+            raise ConfigError(f"config key 'qat.freeze_ranges_epochs' ({frozen}) freezes the "
+                              f"ranges for all qat.epochs ({cfg.qat.epochs}): --mode "
+                              f"{args.mode} would never {what} them; lower "
+                              "qat.freeze_ranges_epochs or raise qat.epochs")
 
     session = start_session(args, default_output=f"runs/{args.mode}", resume=args.resume,
                             force=args.force, validate=needs_weights)
@@ -274,12 +275,14 @@ def _run(session: Session, args: argparse.Namespace) -> None:
                     _recalibrate(session, model)
             for p in state.range_params:
                 p.requires_grad_(False)
-        stats = train_one_epoch(net, train_loader, criterion, optimizer, session.device, epoch,
+        sampler = getattr(train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):   # DistributedSampler: a new shuffle every epoch
+            sampler.set_epoch(epoch)
+        stats = train_one_epoch(net, pairs(session, train_loader), criterion, optimizer,
+                                session.device, epoch,
                                 scheduler, run_cfg.train.log_interval,
                                 freeze_bn=final_phase(run_cfg.train.freeze_bn_epochs),
                                 after_backward=after_backward)
-        if state.tracker is not None:
-            _sync_tracked_ranges(model)
         metrics = evaluate_model(session, model, val_loader, criterion)
         metric_name, higher = pick_metric(metrics, cfg.metric)
         value = metrics[metric_name]

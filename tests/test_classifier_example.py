@@ -25,7 +25,7 @@ def classifier(tmp_path_factory):
     cfg.update(hooks=str(ROOT / "examples" / "classifier" / "hooks.py"), device="cpu",
                user=USER)
     cfg["train"].update(epochs=3, log_interval=0)
-    cfg["qat"].update(epochs=1, freeze_bn_epochs=1, log_interval=0)
+    cfg["qat"].update(epochs=1, freeze_bn_epochs=1, freeze_ranges_epochs=0, log_interval=0)
     cfg["calib"]["num_batches"] = 2
     cfg["export"].update(eval_batches=2, latency_runs=3)
     path = tmp / "config.yaml"

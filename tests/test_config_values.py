@@ -170,3 +170,28 @@ def test_hooks_report_bad_settings_in_one_line_and_bugs_with_their_traceback(tmp
     assert not (tmp_path / "run").exists()
     with pytest.raises(ZeroDivisionError):
         calibrate_main(["--config", str(cfg), "--set", "user.bug=true"])
+
+
+def test_python_m_pidnet_config_lists_every_key():
+    import subprocess
+    import sys
+
+    from pidnet.config import config_to_dict
+
+    from .helpers import ROOT, script_env
+
+    def flat(data, prefix=""):
+        for k, v in data.items():
+            if isinstance(v, dict) and k != "user":
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+
+    listed = subprocess.run([sys.executable, "-m", "pidnet.config"], capture_output=True,
+                            text=True, cwd=ROOT, env=script_env(), check=True).stdout
+    keys = [line.split()[0] for line in listed.splitlines()]
+    assert keys == list(flat(config_to_dict(Config())))
+    row = next(line for line in listed.splitlines() if line.startswith("qat.freeze_bn_epochs"))
+    assert "int" in row and "default 1" in row and "[0, qat.epochs]" in row
+    assert "list of str" in next(line for line in listed.splitlines()
+                                 if line.startswith("quant.exclude"))

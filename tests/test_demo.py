@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from pidnet import train
 from pidnet.config import load_config
 from pidnet.demo import main as demo_main
 
 from .helpers import TINY_HOOKS, TINY_NET_USER, tiny_config
 
 
-def test_demo_runs_every_stage_and_reports_what_the_files_hold(tmp_path, capsys):
+def test_demo_runs_every_stage_and_reports_what_the_files_hold(tmp_path, capsys, monkeypatch):
     cfg = tiny_config(tmp_path, hooks=TINY_HOOKS, user=TINY_NET_USER,
                       train={"epochs": 2, "lr": 0.05, "log_interval": 0},
                       qat={"epochs": 2, "freeze_bn_epochs": 2, "log_interval": 0},
@@ -18,7 +21,42 @@ def test_demo_runs_every_stage_and_reports_what_the_files_hold(tmp_path, capsys)
                       sensitivity={"num_batches": 1, "tolerance": 100.0},
                       export={"target": "onnxruntime", "eval_batches": 1, "latency_runs": 3})
     runs = tmp_path / "runs"
+    # Ctrl-C right after QAT direct's first epoch was saved: the demo stops with its code, the
+    # rerun skips the finished stages and trains direct's remaining epoch from last.pt
+    save, saved = train._save, []
+
+    def record(out, model, mode, optimizer, scheduler, epoch, *args, **kwargs):
+        save(out, model, mode, optimizer, scheduler, epoch, *args, **kwargs)
+        saved.append((mode, epoch))
+
+    def interrupt_after_first_direct_epoch():          # the end of an epoch, once saved
+        if saved[-1] == ("direct", 1):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_save", record)
+    monkeypatch.setattr(train, "barrier", interrupt_after_first_direct_epoch)
+    with pytest.raises(SystemExit) as stopped:
+        demo_main(["--config", str(cfg), "--runs", str(runs)])
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err
+    assert f"{runs / 'qat_direct' / 'last.pt'} holds epoch 1 of 2" in err
+    assert not (runs / "qat_direct" / "results.json").exists()
+    monkeypatch.undo()
+    float_mtime = (runs / "float" / "best.pt").stat().st_mtime_ns
     assert demo_main(["--config", str(cfg), "--runs", str(runs)]) == 0
+    log = capsys.readouterr().err
+    for stage in ("float", "calibrate", "qat calib", "qat stats"):
+        assert f"stage {stage}: finished earlier" in log
+    assert f"resumed {runs / 'qat_direct' / 'last.pt'} at epoch 1" in log
+    assert (runs / "float" / "best.pt").stat().st_mtime_ns == float_mtime
+    # the resumed run is the uninterrupted one, epoch by epoch
+    direct_args = ["--mode", "direct", "--config", str(runs / "qat_direct" / "config.yaml"),
+                   "--set", f"output_dir={tmp_path / 'direct_uninterrupted'}"]
+    assert train.main(direct_args) == 0
+    resumed, whole = (json.loads((d / "results.json").read_text())["epochs"] for d in
+                      (runs / "qat_direct", tmp_path / "direct_uninterrupted"))
+    assert len(resumed) == 2 and [e["miou"] for e in resumed] == pytest.approx(
+        [e["miou"] for e in whole], abs=1e-6)
     summary = json.loads((runs / "summary.json").read_text())
     report = (runs / "report.md").read_text()
     ptq = json.loads((runs / "calibrate" / "results.json").read_text())
@@ -48,18 +86,14 @@ def test_demo_runs_every_stage_and_reports_what_the_files_hold(tmp_path, capsys)
     assert (runs / "qat_curves.png").exists()
     assert (runs / "sensitivity" / "sensitivity.png").exists()
 
-    # interrupted after the float and PTQ stages and one QAT epoch of direct mode: the rerun
-    # keeps what finished and resumes direct mode from its checkpoint
-    for stage in ("qat_direct", "sensitivity", "export"):
+    # a rerun after the sweep and the export lost their results: the sweep resumes from its
+    # rows (no --force), the export runs again, the report is the same
+    for stage in ("sensitivity", "export"):
         (runs / stage / "results.json").unlink()
-    float_mtime = (runs / "float" / "best.pt").stat().st_mtime_ns
     capsys.readouterr()
     assert demo_main(["--config", str(cfg), "--runs", str(runs)]) == 0
     log = capsys.readouterr().err
-    assert "stage float: finished earlier" in log and "stage calibrate: finished earlier" in log
-    assert "stage qat calib: finished earlier" in log
-    assert "--mode direct" in log and "--resume" in log
+    assert "stage qat direct: finished earlier" in log
     sweep = next(line for line in log.splitlines() if "stage sensitivity:" in line)
-    assert "--force" not in sweep            # the sweep resumes from its finished rows
-    assert (runs / "float" / "best.pt").stat().st_mtime_ns == float_mtime
+    assert "--force" not in sweep
     assert json.loads((runs / "summary.json").read_text())["rows"] == summary["rows"]

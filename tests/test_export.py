@@ -2,6 +2,7 @@
 through sensitivity_analysis.py's output."""
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import shutil
@@ -478,3 +479,34 @@ def test_int8_weight_initializers_compute_what_quantized_float_weights_did(
         outputs = [runtime.session(p, 1, level=level).run(None, {"input": x})[0]
                    for p in (before, after)]
         assert np.array_equal(*outputs)
+
+
+def test_per_tensor_weights_deploy_as_calibrated_or_are_refused(tmp_path, tiny_float_weights,
+                                                                capsys):
+    """Folding batch norm scales each output channel by its own factor: a per-tensor weight
+    range would not survive it (the exported grid would not be the calibrated one), so a model
+    whose export folds batch norm is refused per-tensor weights; one without deploys them as
+    calibrated, the ONNX graph computing the fake-quant model's output."""
+    cfg, _ = _calibrated(tmp_path, tiny_float_weights, "tensorrt")
+    assert calibrate_main(["--config", str(cfg), "--set", "quant.per_channel=false",
+                           "--set", f"output_dir={tmp_path / 'per_tensor'}"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: config key 'quant.per_channel'") and "stem.0.1" in line
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(4, 3, 16, 16)
+    model = quant.insert_quantizers(net, QuantConfig(per_channel=False), "tensorrt", x)
+    quant.apply_ranges(model, quant.collect_stats(model, [(x, None)], torch.device("cpu")),
+                       "max")
+    weight_ranges = [m.weight_quantizer.amax for m in model if hasattr(m, "weight_quantizer")]
+    assert [r.numel() for r in weight_ranges] == [1, 1]
+    with torch.no_grad():
+        want = model(x[:1])
+    path = quant.export_onnx(copy.deepcopy(model), x[:1], tmp_path / "per_tensor.onnx", 17)
+    scales = [Graph(path).constant(n.input[1]) for n in Graph(path).ops("DequantizeLinear")
+              if n.name.endswith("weight_quantizer/DequantizeLinear")]
+    assert [float(s) for s in scales] == pytest.approx([float(r) / 127 for r in weight_ranges])
+    got = runtime.run(runtime.session(path, 1), x[:1])
+    assert torch.allclose(got, want, atol=1e-5)

@@ -256,3 +256,17 @@ def test_mse_weight_ranges_clip_outliers_and_never_quantize_worse_than_the_max(b
     assert torch.allclose(conv.weight_quantizer(w), _fq(w, clipped, top), atol=1e-6)
     with pytest.raises(ValueError, match="valid: max, mse"):
         quant.set_weight_ranges(model, "minmax")
+
+
+def test_exclude_takes_the_layers_the_onnxruntime_placement_quantizes():
+    """A sweep under the onnxruntime placement ranks layers such as a ReLU, whose output
+    quantizer is off until the placement turns it on: the exclude it prints must be taken."""
+    x = torch.randn(1, 3, 8, 8)
+    placed = quant.insert_quantizers(TinyNet().eval(), QuantConfig(), "onnxruntime", x)
+    assert placed.relu.output_quantizer.is_enabled
+    kept = quant.insert_quantizers(TinyNet().eval(), QuantConfig(exclude=["relu"]),
+                                   "onnxruntime", x)
+    assert not kept.relu.output_quantizer.is_enabled
+    with pytest.raises(ConfigError, match="'quant.exclude': relu9 match no quantized layer"):
+        quant.insert_quantizers(TinyNet().eval(), QuantConfig(exclude=["relu9"]),
+                                "onnxruntime", x)

@@ -207,3 +207,50 @@ def test_two_ranks_resume_a_sweep_one_rank_left_unfinished(tmp_path):
     report = _reports(tmp_path / "run")[0]
     assert [r["layer"] for r in report["layers"]] == LAYERS
     assert report["float_layers"] == ["fragile"]
+
+
+def test_reselect_takes_a_new_tolerance_from_the_rows_on_disk(tmp_path, capsys):
+    cfg = legacy_config(tmp_path, tolerance=1e9)        # met with every layer quantized
+    assert main(["--config", str(cfg)]) == 0
+    first, _ = _reports(tmp_path / "run")
+    assert first["float_layers"] == []
+    capsys.readouterr()
+    assert main(["--config", str(cfg), "--set", "tolerance=0.01"]) == 2   # says what to pass
+    assert "--reselect" in capsys.readouterr().err
+    assert main(["--config", str(cfg), "--set", "tolerance=0.01", "--reselect"]) == 0
+    log = capsys.readouterr().err
+    assert "selecting again from the 3 layers measured" in log
+    assert not [line for line in log.splitlines() if "layer expand:" in line]   # not measured
+    second, results = _reports(tmp_path / "run")
+    assert second["float_layers"] == ["fragile"] == results["float_layers"]
+    assert [r["metric"] for r in second["layers"]] == [r["metric"] for r in first["layers"]]
+    assert second["baseline"] == first["baseline"]
+    # another model is not reselected from
+    weights = tmp_path / "my_weights.pth"
+    os.utime(weights, ns=(1, 1))
+    assert main(["--config", str(cfg), "--reselect"]) == 2
+    assert "another model or config" in capsys.readouterr().err
+
+
+def test_a_qat_checkpoint_is_measured_against_the_float_model_it_came_from(tmp_path,
+                                                                           tiny_float_weights):
+    from pidnet.train import main as train_main
+
+    cfg = tiny_config(tmp_path, hooks=TINY_HOOKS, user=TINY_NET_USER,
+                      model_path=str(tiny_float_weights), calib={"num_batches": 1},
+                      qat={"epochs": 1, "lr": 0.05, "log_interval": 0},
+                      sensitivity={"tolerance": 100.0})
+    assert train_main(["--mode", "calib", "--config", str(cfg),
+                       "--set", f"output_dir={tmp_path / 'qat'}"]) == 0
+    float_miou = json.loads((tmp_path / "qat" / "results.json").read_text())[
+        "baselines"]["float"]["miou"]
+    qat_ckpt = tmp_path / "qat" / "best.pt"
+    for name, extra in (("recorded", []),
+                        ("given", ["--set", f"sensitivity.reference={tiny_float_weights}"])):
+        assert main(["--config", str(cfg), "--set", f"model_path={qat_ckpt}",
+                     "--set", f"output_dir={tmp_path / name}", *extra]) == 0
+        report, _ = _reports(tmp_path / name)
+        base = report["baseline"]
+        # the float model on the same batches, not the QAT weights with quantizers off
+        assert base["float"] == pytest.approx(float_miou, abs=1e-6)
+        assert base["quantizers_off"] != pytest.approx(base["float"], abs=1e-3)

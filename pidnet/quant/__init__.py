@@ -48,12 +48,18 @@ from .qat import (  # noqa: E402
     start_learned_ranges,
     track_weight_ranges,
 )
-from .stats import ActivationStats, apply_ranges, collect_stats, merge_stats  # noqa: E402
+from .stats import (  # noqa: E402
+    ActivationStats,
+    apply_ranges,
+    collect_stats,
+    exact_histogram,
+    merge_stats,
+)
 
 __all__ = [
     "WEIGHT", "ActivationStats", "LearnedRangeQuantizer", "QuantAdd", "QuantBlend", "QuantReLU",
     "RangeTracker", "activation_quantizers", "apply_ranges", "collect_stats", "disable_all",
-    "execution_order", "export_onnx", "grid_bounds", "fold_batch_norms",
+    "exact_histogram", "execution_order", "export_onnx", "grid_bounds", "fold_batch_norms",
     "has_range",
     "insert_quantizers", "layer_quantizers", "layers_enabled", "lsq_grad_scale",
     "make_ranges_learnable", "make_ranges_static", "mirror_learned_ranges",

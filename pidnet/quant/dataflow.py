@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..batches import call_model
+
 
 @dataclass
 class Dataflow:
@@ -42,6 +44,20 @@ class Dataflow:
         if reader is None or not isinstance(modules[reader], kind):
             return None
         return reader if not sole_input or self.inputs_from(reader, 0) == {name} else None
+
+
+def conv_batch_norm_pairs(model: nn.Module, flow: Dataflow) -> list[tuple[str, str]]:
+    """(convolution, batch norm) for every batch norm that reads a convolution's output and
+    nothing else, the convolution's only reader: the pairs inference folds into one
+    convolution."""
+    modules = dict(model.named_modules())
+    pairs = []
+    for name, module in modules.items():
+        if isinstance(module, nn.Conv2d):
+            bn = flow.sole_reader(name, modules, nn.BatchNorm2d, sole_input=True)
+            if bn is not None:
+                pairs.append((name, bn))
+    return pairs
 
 
 def _tensors(args: Iterable[Any]) -> list[torch.Tensor | None]:
@@ -102,7 +118,7 @@ def forward_once(model: nn.Module, example: Any, handles: list[Any]) -> None:
     try:
         model.eval()
         with torch.no_grad():
-            model(example)
+            call_model(model, example)
     finally:
         for h in handles:
             h.remove()

@@ -12,7 +12,8 @@ import torch
 from modelopt.torch.quantization.nn import TensorQuantizer
 from torch import nn
 
-from .dataflow import trace_dataflow
+from ..errors import CheckpointError
+from .dataflow import conv_batch_norm_pairs, trace_dataflow
 from .modules import WEIGHT, grid_bounds, quantizers
 
 logger = logging.getLogger(__name__)
@@ -28,31 +29,25 @@ def fold_batch_norms(model: nn.Module, example: Any) -> list[tuple[str, str]]:
     its place, so the output is quantized where it was. Requires eval-mode batch norm."""
     flow = trace_dataflow(model, example, skip=TensorQuantizer)
     modules = dict(model.named_modules())
-    pairs = []
-    for conv_name, conv in list(modules.items()):
-        name = flow.sole_reader(conv_name, modules, nn.BatchNorm2d, sole_input=True) \
-            if isinstance(conv, nn.Conv2d) else None
-        if name is None:
-            continue
-        bn = modules[name]
+    pairs = conv_batch_norm_pairs(model, flow)
+    for conv_name, name in pairs:
+        conv, bn = modules[conv_name], modules[name]
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
         conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
         wq = getattr(conv, "weight_quantizer", None)
-        if isinstance(wq, TensorQuantizer) and wq.amax is not None:
-            if wq.amax.numel() == scale.numel():
-                wq.amax = wq.amax * scale.abs().reshape(wq.amax.shape)
-            else:   # a per-tensor range cannot follow a per-channel scale exactly
-                wq.amax = conv.weight.abs().max()
-                logger.warning("%s: per-tensor weight range recomputed after folding %s",
-                               conv_name, name)
+        if isinstance(wq, TensorQuantizer) and wq.is_enabled and wq.amax is not None:
+            if wq.amax.numel() != scale.numel():   # refused when quantizers are inserted
+                raise CheckpointError(f"{conv_name} has a per-tensor weight range, which "
+                                      f"folding {name} would change; quantize with "
+                                      "quant.per_channel=true")
+            wq.amax = wq.amax * scale.abs().reshape(wq.amax.shape)
         out_q = getattr(bn, "output_quantizer", None)
         replacement = out_q if isinstance(out_q, TensorQuantizer) and out_q.is_enabled \
             else nn.Identity()
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, replacement)
-        pairs.append((conv_name, name))
     return pairs
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from ..config import QuantConfig
 from ..errors import CheckpointError, ConfigError
 from ..model import Add, Blend, Complement, Concat, Mul, PixelAttention, Resize
-from .dataflow import Dataflow, forward_once, trace_dataflow
+from .dataflow import Dataflow, conv_batch_norm_pairs, forward_once, trace_dataflow
 
 logger = logging.getLogger(__name__)
 
@@ -184,17 +184,27 @@ def insert_quantizers(model: nn.Module, qcfg: QuantConfig, target: str = "tensor
     """
     if target == "onnxruntime" and example is None:
         raise ValueError("the onnxruntime placement needs an example input")
-    flow = trace_dataflow(model, example) if target == "onnxruntime" else None
+    flow = trace_dataflow(model, example) if target == "onnxruntime" or (
+        not qcfg.per_channel and example is not None) else None
+    if not qcfg.per_channel and flow is not None:
+        _refuse_per_tensor_folding(model, flow, qcfg)
+    if target != "onnxruntime":
+        flow = None
     with contextlib.redirect_stdout(io.StringIO()):   # modelopt prints a count of its own
         model = mtq.quantize(model, _quant_cfg(qcfg, target), forward_loop=None)
     layers = layer_quantizers(model)
-    excluded = match_layers(layers, qcfg.exclude)
-    unknown = [p for p in qcfg.exclude if not match_layers(layers, [p])]
+    # names are checked against every module that owns a quantizer, on or off: the
+    # onnxruntime placement turns on output quantizers (a ReLU's) that are off until then, and
+    # the layers a sensitivity sweep ranks are named after the placement
+    owners = [n for n, m in model.named_modules()
+              if any(isinstance(c, TensorQuantizer) for c in m.children())]
+    excluded = match_layers(owners, qcfg.exclude)
+    unknown = [p for p in qcfg.exclude if not match_layers(owners, [p])]
     if unknown:
         raise ConfigError(f"config key 'quant.exclude': {', '.join(unknown)} match no quantized "
                           f"layer; layer names look like {', '.join(list(layers)[:3])}")
     for name in excluded:
-        for q in layers[name].values():
+        for q in layers.get(name, {}).values():
             q.disable()
     if flow is not None:
         _place_at_producers(model, flow, qcfg, set(excluded))
@@ -204,6 +214,20 @@ def insert_quantizers(model: nn.Module, qcfg: QuantConfig, target: str = "tensor
                 sum(q.is_enabled for q in quantizers(model).values()), len(layers),
                 len(excluded), target)
     return model
+
+
+def _refuse_per_tensor_folding(model: nn.Module, flow: Dataflow, qcfg: QuantConfig) -> None:
+    """Per-tensor weights deploy as calibrated only where no batch norm is folded into the
+    convolution: folding scales each output channel by its own factor, so the exported grid
+    would not be the one calibrated or trained. Refused, with the layers, before any work."""
+    pairs = [(c, b) for c, b in conv_batch_norm_pairs(model, flow)
+             if not match_layers([c], qcfg.exclude)]
+    if pairs:
+        conv, bn = pairs[0]
+        raise ConfigError(f"config key 'quant.per_channel': per-tensor weights cannot deploy as "
+                          f"calibrated here: export folds batch norm into {len(pairs)} "
+                          f"convolutions (e.g. {bn} into {conv}), which changes each output "
+                          "channel's scale; keep quant.per_channel=true")
 
 
 # input quantizers by the position of the argument they quantize

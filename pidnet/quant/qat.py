@@ -4,17 +4,28 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from modelopt.torch.quantization.nn import TensorQuantizer
 from torch import nn
 
+from ..batches import call_model
 from .modules import WEIGHT, activation_quantizers, grid_bounds, quantizers, set_weight_ranges
 
 RANGE_INITS = ("lsq", "fixed")   # how learned ranges start (train.py resolves qat.direct_init)
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class RangeTracker:
     """``stats`` mode: during training, every activation quantizer's amax follows the data by
     an exponential moving average of the batch's max |x| times a ratio, until ``freeze()``.
+
+    Under torchrun the batch max is the max over every rank's batch (reduced at each
+    quantizer, every step), so every rank tracks the same ranges, those of the data all ranks
+    saw, and learns the same ratios: N ranks track as one process would on their combined
+    batch (DDP's buffer broadcast from rank 0 then changes nothing).
 
     ``ratios`` maps quantizer names to that ratio (1: the raw max). A quantizer without one
     keeps its starting range for its first ``warmup`` training batches and takes
@@ -40,6 +51,8 @@ class RangeTracker:
             if self.frozen or not q.training or q.amax is None:
                 return
             batch_max = args[0].detach().abs().max().to(q.amax)
+            if _distributed():   # every rank tracks the max over all ranks' batches
+                dist.all_reduce(batch_max, op=dist.ReduceOp.MAX)
             if batch_max <= 0:
                 return
             if name not in self.ratios:
@@ -135,7 +148,10 @@ def make_ranges_learnable(model: nn.Module, init: str = "fixed", init_amax: floa
 
     ``init="fixed"``: ranges already set are kept (e.g. on resume, or calibrated ones) and an
     activation without one starts at ``init_amax`` (no data). ``init="lsq"``: every learned
-    step starts from the first tensor it quantizes (LSQ's ``2 mean|x| / sqrt(Q_P)``).
+    activation step starts from the first tensor it quantizes (LSQ's ``2 mean|x| /
+    sqrt(Q_P)``). Weight steps always start from the range already set (``quant.
+    weight_range``): LSQ's start is about 18 standard deviations of the weights at 8 bits, a
+    grid about 5x coarser than their max.
     """
     if init not in RANGE_INITS:
         raise ValueError(f"unknown range init {init!r}; valid: {', '.join(RANGE_INITS)}")
@@ -151,7 +167,8 @@ def make_ranges_learnable(model: nn.Module, init: str = "fixed", init_amax: floa
         amax = q.amax.detach().clone().float()
         param = nn.Parameter(amax.reshape(()) / top if amax.numel() == 1 else amax / top)
         q.__class__ = LearnedRangeQuantizer
-        q._range = _Step(param, per_sample=not name.endswith(WEIGHT), pending=init == "lsq")
+        weight = name.endswith(WEIGHT)
+        q._range = _Step(param, per_sample=not weight, pending=init == "lsq" and not weight)
         params.append(param)
     return params
 
@@ -161,7 +178,7 @@ def start_learned_ranges(model: nn.Module, inputs: torch.Tensor) -> None:
     starts from the data each quantizer sees with the ranges before it already set."""
     was_training = model.training
     with torch.no_grad():
-        model.eval()(inputs)
+        call_model(model.eval(), inputs)
     model.train(was_training)
     pending = [n for n, q in quantizers(model).items()
                if isinstance(q, LearnedRangeQuantizer) and q._range.pending]

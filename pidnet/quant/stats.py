@@ -12,7 +12,8 @@ from torch import nn
 from ..calib import compute_amax
 from ..engine import to_device
 from ..errors import NonFiniteError
-from ..finite import call_model, first_nonfinite_layer
+from ..batches import call_model
+from ..finite import first_nonfinite_layer
 from .modules import activation_quantizers, quantizers
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,21 @@ def _merge_bins(counts: torch.Tensor, factor: int) -> torch.Tensor:
     """Sum every ``factor`` consecutive bins (the last group zero-padded)."""
     padded = torch.nn.functional.pad(counts, (0, (-len(counts)) % factor))
     return padded.view(-1, factor).sum(1)
+
+
+# torch.histc counts in the input's dtype: float32 stops at 2^24 per bin (20M zeros counted
+# as 16,777,216). A chunk of at most 2^24 elements cannot reach that, so counts summed over
+# chunks in float64 are exact at any resolution, at histc's own speed.
+_EXACT_CHUNK = 2 ** 24
+
+
+def exact_histogram(x: torch.Tensor, bins: int, top: float) -> torch.Tensor:
+    """Counts of ``x`` in ``bins`` equal bins over [0, ``top``] (float64 on the CPU), exact
+    for any number of elements."""
+    counts = torch.zeros(bins, dtype=torch.float64)
+    for chunk in x.reshape(-1).split(_EXACT_CHUNK):
+        counts += torch.histc(chunk, bins=bins, min=0.0, max=top).double().cpu()
+    return counts
 
 
 class _NonFiniteInput(Exception):
@@ -65,7 +81,7 @@ class _HistogramCollector:
             self.counts = _merge_bins(self.counts, factor)
             self.width *= factor
             bins = max(len(self.counts), math.ceil(batch_max / self.width))
-        hist = torch.histc(x, bins=bins, min=0.0, max=bins * self.width).double().cpu()
+        hist = exact_histogram(x, bins, bins * self.width)
         hist[: len(self.counts)] += self.counts
         self.counts, self.abs_max = hist, max(self.abs_max, batch_max)
 
