@@ -231,6 +231,11 @@ def _export(args: argparse.Namespace) -> None:
           f"{layer_check.describe(diverged) if diverged else 'none'}")
     print(f"integer convolutions: {ops['integer_convs']} of {ops['all_convs']}; quantizable "
           f"ops left in float: {ops['float'] or 'none'}")
+    float_convs = [n for kind in ("Conv", "FusedConv") for n in ops["float_nodes"].get(kind, [])]
+    if float_convs and exp.target == "onnxruntime":
+        print(f"convolutions left in float ({len(float_convs)}; all in results.json, "
+              f"optimized_int8_graph.float_nodes): {', '.join(float_convs[:4])}"
+              f"{', ...' if len(float_convs) > 4 else ''}")
     print(f"latency, onnxruntime CPU, {exp.threads} threads: float "
           f"{latency['median_ms']['float']:.1f} ms, INT8 {latency['median_ms']['int8']:.1f} ms "
           f"({latency['speedup_over_float']['int8']:.2f}x)")

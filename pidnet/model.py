@@ -10,6 +10,7 @@ are quantized.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,10 +54,14 @@ class Blend(nn.Module):
 
 
 class Concat(nn.Module):
-    """Channel concatenation as a module."""
+    """Concatenation as a module (along channels unless ``dim`` says otherwise)."""
+
+    def __init__(self, dim: int = 1) -> None:
+        super().__init__()
+        self.dim = dim
 
     def forward(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(tensors, dim=1)
+        return torch.cat(tensors, dim=self.dim)
 
 
 class Mul(nn.Module):
@@ -81,10 +86,17 @@ class PixelAttention(nn.Module):
 
 
 class Resize(nn.Module):
-    """Bilinear resize to ``size`` (``align_corners=False``, as upstream)."""
+    """``F.interpolate`` as a module: bilinear to ``size`` with ``align_corners=False``
+    (upstream PIDNet's) unless told otherwise."""
 
-    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    def __init__(self, mode: str = "bilinear", align_corners: bool | None = False) -> None:
+        super().__init__()
+        self.mode, self.align_corners = mode, align_corners
+
+    def forward(self, x: torch.Tensor, size: Any = None, scale_factor: Any = None
+                ) -> torch.Tensor:
+        return F.interpolate(x, size=size, scale_factor=scale_factor, mode=self.mode,
+                             align_corners=self.align_corners)
 
 
 def _conv_bn(cin: int, cout: int, kernel: int = 1, padding: int = 0) -> nn.Sequential:

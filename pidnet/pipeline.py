@@ -303,6 +303,7 @@ def save_quantized(path: Path, model: nn.Module, cfg: Config, **info: Any) -> Pa
 
     return save_checkpoint({"kind": "quantized", "model": model.state_dict(),
                             "modelopt_state": quant.quant_state(model),
+                            "graph": quant.graph_form(model),
                             "target": cfg.export.target,
                             "config": config_to_dict(cfg), **info}, path)
 
@@ -336,8 +337,8 @@ def restore_checkpoint(session: Session, ckpt: dict[str, Any]) -> nn.Module:
     if session.hooks.model_loads_itself:   # get_model(model_path) builds from the float weights
         cfg = dataclasses.replace(cfg, model_path=ckpt.get("config", {}).get("model_path"))
     model = session.hooks.get_model(cfg)
-    model = quant.restore_quantized(model, ckpt["modelopt_state"], ckpt["model"]).to(
-        session.device)
+    model = quant.restore_quantized(model, ckpt["modelopt_state"], ckpt["model"],
+                                    ckpt.get("graph")).to(session.device)
     check_prediction(session, model)
     return model
 

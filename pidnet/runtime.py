@@ -86,14 +86,19 @@ class OrtModel(nn.Module):
 def optimized_ops(path: str | Path, threads: int) -> dict[str, Any]:
     """Op counts of the graph onnxruntime runs after its optimizer (level: extended, where
     the Q/DQ fusions happen, before layout-specific rewrites): integer kernels, and the
-    quantizable ops left in float."""
+    quantizable ops left in float, counted and by node name."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "optimized.onnx"
         session(path, threads, out, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
         graph = onnx.load(str(out)).graph
     counts = collections.Counter(n.op_type for n in graph.node)
+    left = collections.defaultdict(list)   # the float ops by node name (the exporter's scope)
+    for node in graph.node:
+        if node.op_type in (*QUANTIZABLE, "FusedConv"):
+            left[node.op_type].append(node.name)
     return {"integer": {k: counts[k] for k in INTEGER_OPS if counts[k]},
             "float": {k: counts[k] for k in QUANTIZABLE if counts[k]},
+            "float_nodes": dict(left),
             "quantize_linear": counts["QuantizeLinear"],
             "dequantize_linear": counts["DequantizeLinear"],
             "integer_convs": counts["QLinearConv"] + counts["ConvInteger"],

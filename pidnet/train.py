@@ -89,7 +89,8 @@ def _prepare_qat(session: Session, model: nn.Module, mode: str, criterion: Calla
     lsq_batch = None
     if resume_ckpt is not None:
         model = quant.restore_quantized(model, resume_ckpt["modelopt_state"],
-                                        resume_ckpt["model"]).to(session.device)
+                                        resume_ckpt["model"], resume_ckpt.get("graph"))
+        model = model.to(session.device)
         state.baselines = resume_ckpt["baselines"]
         state.range_ratios = resume_ckpt.get("range_ratios", {})
     else:
@@ -326,6 +327,7 @@ def _save(out, model: nn.Module, mode: str, optimizer, scheduler, epoch: int, be
         from . import quant
         quant.mirror_learned_ranges(model)
         ckpt.update(kind="quantized", modelopt_state=quant.quant_state(model),
+                    graph=quant.graph_form(model),
                     baselines=state.baselines, range_ratios=state.range_ratios)
     if improved:
         save_checkpoint(ckpt, out / "best.pt")

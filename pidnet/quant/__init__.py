@@ -26,6 +26,7 @@ from .modules import (  # noqa: E402
     QuantReLU,
     activation_quantizers,
     execution_order,
+    graph_form,
     grid_bounds,
     has_range,
     insert_quantizers,
@@ -59,8 +60,8 @@ from .stats import (  # noqa: E402
 __all__ = [
     "WEIGHT", "ActivationStats", "LearnedRangeQuantizer", "QuantAdd", "QuantBlend", "QuantReLU",
     "RangeTracker", "activation_quantizers", "apply_ranges", "collect_stats", "disable_all",
-    "exact_histogram", "execution_order", "export_onnx", "grid_bounds", "fold_batch_norms",
-    "has_range",
+    "exact_histogram", "execution_order", "export_onnx", "graph_form", "grid_bounds",
+    "fold_batch_norms", "has_range",
     "insert_quantizers", "layer_quantizers", "layers_enabled", "lsq_grad_scale",
     "make_ranges_learnable", "make_ranges_static", "mirror_learned_ranges",
     "start_learned_ranges", "match_layers", "merge_stats", "quant_state", "quantizers",

@@ -12,12 +12,15 @@ from typing import Any
 import modelopt.torch.opt as mto
 import modelopt.torch.quantization as mtq
 import torch
+import torch.fx as fx
 from modelopt.torch.quantization.nn import QuantModuleRegistry, TensorQuantizer
 from torch import nn
 
 from ..config import QuantConfig
 from ..errors import CheckpointError, ConfigError
 from ..model import Add, Blend, Complement, Concat, Mul, PixelAttention, Resize
+from ..batches import call_model
+from . import graph
 from .dataflow import Dataflow, conv_batch_norm_pairs, forward_once, trace_dataflow
 
 logger = logging.getLogger(__name__)
@@ -51,8 +54,8 @@ class _QuantOutput:
     def _setup(self) -> None:
         self.output_quantizer = TensorQuantizer()
 
-    def forward(self, *args: Any) -> Any:
-        return self.output_quantizer(super().forward(*args))
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.output_quantizer(super().forward(*args, **kwargs))
 
 
 class QuantReLU(_QuantOutput, nn.ReLU):
@@ -67,6 +70,18 @@ class QuantSigmoid(_QuantOutput, nn.Sigmoid):
 
     unsigned_output = True
     known_amax = {"output_quantizer": 1.0}
+
+
+class QuantHardsigmoid(_QuantOutput, nn.Hardsigmoid):
+    """``q(hardsigmoid(x))``, unsigned, in [0, 1] by construction (a squeeze-excite gate)."""
+
+    unsigned_output = True
+    known_amax = {"output_quantizer": 1.0}
+
+
+class QuantHardswish(_QuantOutput, nn.Hardswish):
+    """``q(hardswish(x))``: signed (its minimum is -3/8), so the convolution reading it gets
+    an integer input."""
 
 
 class QuantMul(_QuantOutput, Mul):
@@ -122,10 +137,12 @@ class QuantBlend(Blend):
 warnings.filterwarnings("ignore", message="Distributed training is initialized but no "
                         "parallel_state")
 
-for _original, _quantized in ((Add, QuantAdd), (Blend, QuantBlend), (nn.ReLU, QuantReLU),
-                              (nn.Sigmoid, QuantSigmoid), (Mul, QuantMul),
-                              (Concat, QuantConcat), (Complement, QuantComplement),
-                              (PixelAttention, QuantPixelAttention), (Resize, QuantResize)):
+# each module class the placement quantizes beyond modelopt's own, and its fake-quant twin
+_TWINS = ((Add, QuantAdd), (Blend, QuantBlend), (nn.ReLU, QuantReLU), (nn.Sigmoid, QuantSigmoid),
+          (nn.Hardsigmoid, QuantHardsigmoid), (nn.Hardswish, QuantHardswish), (Mul, QuantMul),
+          (Concat, QuantConcat), (Complement, QuantComplement),
+          (PixelAttention, QuantPixelAttention), (Resize, QuantResize))
+for _original, _quantized in _TWINS:
     if _original not in QuantModuleRegistry:
         mtq.register(original_cls=_original, quantized_cls=_quantized)
 
@@ -184,6 +201,8 @@ def insert_quantizers(model: nn.Module, qcfg: QuantConfig, target: str = "tensor
     """
     if target == "onnxruntime" and example is None:
         raise ValueError("the onnxruntime placement needs an example input")
+    if target == "onnxruntime":
+        model = _rewritten(model, example)
     flow = trace_dataflow(model, example) if target == "onnxruntime" or (
         not qcfg.per_channel and example is not None) else None
     if not qcfg.per_channel and flow is not None:
@@ -214,6 +233,69 @@ def insert_quantizers(model: nn.Module, qcfg: QuantConfig, target: str = "tensor
                 sum(q.is_enabled for q in quantizers(model).values()), len(layers),
                 len(excluded), target)
     return model
+
+
+TRACED = "traced"   # a checkpoint's ``graph`` when its model was rewritten by ``graph.rewrite``
+
+
+def is_traced(model: nn.Module) -> bool:
+    """Whether ``model`` is the ``torch.fx`` rewrite of a model (``graph.rewrite``): restoring
+    its checkpoint repeats the rewrite first."""
+    return isinstance(model, fx.GraphModule) and model.meta.get(TRACED) is not None
+
+
+def graph_form(model: nn.Module) -> str | None:
+    """What a quantized checkpoint records as ``graph``: ``TRACED`` for a rewritten model,
+    which ``restore_quantized`` rewrites again before the quantizers go back in."""
+    return TRACED if is_traced(model) else None
+
+
+def _traced(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    traced, info = graph.rewrite(model, tuple(original for original, _ in _TWINS))
+    if isinstance(traced, fx.GraphModule) and "error" not in info:
+        traced.meta[TRACED] = info
+    return traced, info
+
+
+def _rewritten(model: nn.Module, example: Any) -> nn.Module:
+    """``model`` with its functional ops as modules and one module per call site
+    (``graph.rewrite``), checked to compute what ``model`` computes on ``example``; the model
+    as it is, and a log line saying what that costs, where it cannot be traced or the
+    rewrite would change its outputs."""
+    if is_traced(model):
+        return model
+    traced, info = _traced(model)
+    if traced is model and "error" not in info:
+        return model   # nothing to rewrite
+    why = info.get("error")
+    if why is None:
+        was_training = model.training
+        model.eval(), traced.eval()
+        with torch.no_grad():
+            same = _same_outputs(call_model(model, example), call_model(traced, example))
+        model.train(was_training), traced.train(was_training)
+        why = None if same else "the traced model computes other outputs"
+    if why is not None:
+        logger.warning("torch.fx cannot rewrite %s (%s): functions such as x + y stay float "
+                       "in the onnxruntime graph and a module called more than once shares "
+                       "one quantizer", type(model).__name__, why)
+        return model
+    logger.info("torch.fx rewrite: %d functional ops made modules, %d call sites of shared "
+                "modules given their own", info["modules"], info["call_sites"])
+    return traced
+
+
+def _same_outputs(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.allclose(
+            a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max().clamp(min=1)))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(
+            _same_outputs(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(
+            _same_outputs(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def _refuse_per_tensor_folding(model: nn.Module, flow: Dataflow, qcfg: QuantConfig) -> None:
@@ -375,9 +457,17 @@ def quant_state(model: nn.Module) -> dict[str, Any]:
 
 
 def restore_quantized(model: nn.Module, modelopt_state: dict[str, Any],
-                      state_dict: dict[str, torch.Tensor]) -> nn.Module:
+                      state_dict: dict[str, torch.Tensor], graph_form: str | None = None
+                      ) -> nn.Module:
     """Re-create the quantizers of a saved model on the float ``model`` and load its weights
-    and ranges. A checkpoint of another architecture is a ``CheckpointError``."""
+    and ranges; ``graph_form`` the checkpoint's ``graph`` (``TRACED``: the float model is
+    rewritten as it was before quantizers went in). A checkpoint of another architecture is a
+    ``CheckpointError``."""
+    if graph_form == TRACED:
+        model, info = _traced(model)
+        if "error" in info:
+            raise CheckpointError(f"the quantized checkpoint was made from a torch.fx rewrite "
+                                  f"of this model, which cannot be traced now ({info['error']})")
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             # parameter-free quantized modules have no device yet; modelopt prints a count
