@@ -116,6 +116,18 @@ def collect() -> dict[str, Any]:
             qat = export["agreement"]["qat_onnxruntime"]
             figures["qat_int8_argmax_agreement"] = _figure(round(qat, 4), None, None, cmd,
                                                            "export_speed.json")
+    other = _load("any_model_speed")
+    if other:
+        speed, cmd = other["latency"]["speedup_over_float"], other["command"]
+        figures["lraspp_integer_convolutions"] = _figure(
+            other["integer_convs"], "all", other["goals"]["every_convolution_integer"], cmd,
+            "any_model_speed.json")
+        figures["lraspp_int8_over_float_onnxruntime"] = _figure(
+            round(speed["pidnetqat_int8"], 2), ">= quantize_static's",
+            other["goals"]["at_least_the_peer"], cmd, "any_model_speed.json")
+        figures["lraspp_quantize_static_over_float"] = _figure(
+            round(speed["onnxruntime_quantize_static"], 2), None, None, cmd,
+            "any_model_speed.json")
     versions = next((d["versions"] for d in (sens, export) if d and "versions" in d), {})
     return {"date": datetime.date.today().isoformat(),
             "machine": {"platform": platform.platform(), "processor": platform.machine(),
@@ -127,7 +139,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default="runs/float/best.pt")
     parser.add_argument("--only", nargs="*", default=None,
-                        choices=["calib_speed", "qat_modes", "sensitivity_cost", "export_speed"])
+                        choices=["calib_speed", "qat_modes", "sensitivity_cost", "export_speed",
+                                 "any_model_speed"])
     parser.add_argument("--collect-only", action="store_true")
     args = parser.parse_args()
     if not args.collect_only:
@@ -138,7 +151,8 @@ def main() -> None:
         runs = {"calib_speed": ["--weights", args.weights],
                 "qat_modes": ["--float-weights", args.weights],
                 "sensitivity_cost": ["--weights", args.weights],
-                "export_speed": ["--weights", args.weights]}
+                "export_speed": ["--weights", args.weights],
+                "any_model_speed": []}
         for name, extra in runs.items():
             if args.only is None or name in args.only:
                 print(f"== bench.{name}", flush=True)

@@ -104,6 +104,10 @@ class TrainConfig:
     freeze_bn_epochs: int = ranged(0, 0, "epochs")   # last epochs with batch norm frozen (a
                                                      # fine-tune that matches QAT's)
     log_interval: int = ranged(20, 0)   # steps between log lines; 0: none
+    ema_decay: float = ranged(0.0, 0, below=1)   # exponential moving average of the weights
+                                     # (and batch-norm statistics) per step; 0: off. The
+                                     # average is evaluated, kept and saved as the model
+                                     # (last.pt also holds the live weights, to resume)
 
 
 @dataclass

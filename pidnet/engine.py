@@ -107,12 +107,14 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: Callable[[Any
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
                     log_interval: int = 20, freeze_bn: bool = False,
-                    after_backward: Callable[[], None] | None = None) -> dict[str, float]:
+                    after_backward: Callable[[], None] | None = None,
+                    after_step: Callable[[], None] | None = None) -> dict[str, float]:
     """One pass over ``loader`` (``(inputs, targets)`` pairs: ``batches.Pairs``); the scheduler
     steps per iteration. Raises ``TrainingError`` on a non-finite loss so the caller keeps the
     last good checkpoint. ``freeze_bn`` keeps batch norm layers on their running statistics
     (as QAT does for its last epochs). A criterion returning a dict of losses is summed; each
-    part is logged."""
+    part is logged. ``after_backward`` runs before each optimizer step, ``after_step`` after
+    it."""
     model.train()
     if freeze_bn:
         for module in model.modules():
@@ -131,6 +133,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: Callable[[Any
         if after_backward is not None:
             after_backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         if scheduler is not None:
             scheduler.step()
         value = loss.item()

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .checkpoint import read_checkpoint, save_checkpoint
 from .cli import base_parser, run_cli
@@ -62,7 +63,7 @@ def qat_view(cfg: Config) -> Config:
     """The config as the training loop and hooks see it in a QAT mode: ``qat.*`` as ``train.*``."""
     train = dataclasses.replace(cfg.train, epochs=cfg.qat.epochs, lr=cfg.qat.lr,
                                 schedule=cfg.qat.schedule, log_interval=cfg.qat.log_interval,
-                                freeze_bn_epochs=cfg.qat.freeze_bn_epochs)
+                                freeze_bn_epochs=cfg.qat.freeze_bn_epochs, ema_decay=0.0)
     return dataclasses.replace(cfg, train=train)
 
 
@@ -194,6 +195,22 @@ def _sync_range_grads(params: list[nn.Parameter]) -> Callable[[], None] | None:
     return sync
 
 
+def _weight_average(model: nn.Module, decay: float, ckpt: dict[str, Any] | None
+                    ) -> AveragedModel | None:
+    """The exponential moving average of ``model``'s weights and buffers (``train.ema_decay``,
+    as timm's ModelEmaV3), restored from a resumed run's checkpoint; ``None`` when off."""
+    if decay == 0:
+        return None
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    if ckpt is not None:
+        if "ema_steps" not in ckpt:
+            raise CheckpointError("the run being resumed kept no weight average; resume it "
+                                  "with train.ema_decay=0 or start a new run")
+        ema.module.load_state_dict(ckpt["model"])
+        ema.n_averaged.fill_(ckpt["ema_steps"])
+    return ema
+
+
 def _train(args: argparse.Namespace) -> None:
     def needs_weights(cfg: Config, hooks: Hooks) -> None:
         started = (Path(cfg.output_dir) / "last.pt").exists()
@@ -241,8 +258,9 @@ def _run(session: Session, args: argparse.Namespace) -> None:
     state = QatState()
     if qat:
         model, state = _prepare_qat(session, model, mode, criterion, val_loader, ckpt)
-    elif ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+    elif ckpt is not None:   # the live weights; "model" holds the average when there is one
+        model.load_state_dict(ckpt.get("live", ckpt["model"]))
+    ema = _weight_average(model, run_cfg.train.ema_decay, ckpt)
 
     optimizer = session.hooks.get_optimizer(model, run_cfg)
     if state.range_params:
@@ -283,8 +301,11 @@ def _run(session: Session, args: argparse.Namespace) -> None:
                                 session.device, epoch,
                                 scheduler, run_cfg.train.log_interval,
                                 freeze_bn=final_phase(run_cfg.train.freeze_bn_epochs),
-                                after_backward=after_backward)
-        metrics = evaluate_model(session, model, val_loader, criterion)
+                                after_backward=after_backward,
+                                after_step=None if ema is None else lambda: ema.update_parameters(
+                                    model))
+        kept = model if ema is None else ema.module   # what is evaluated and saved
+        metrics = evaluate_model(session, kept, val_loader, criterion)
         metric_name, higher = pick_metric(metrics, cfg.metric)
         value = metrics[metric_name]
         improved = best is None or (value > best if higher else value < best)
@@ -295,8 +316,8 @@ def _run(session: Session, args: argparse.Namespace) -> None:
         logger.info("epoch %d/%d  train loss %.4f  %s %.2f  best %.2f", epoch + 1, epochs,
                     stats["loss"], metric_name, value, best)
         if is_main():
-            _save(out, model, mode, optimizer, scheduler, epoch + 1, best, metric_name, history,
-                  state, cfg, improved)
+            _save(out, kept, mode, optimizer, scheduler, epoch + 1, best, metric_name, history,
+                  state, cfg, improved, live=None if ema is None else (model, ema))
         args.progress.saved = f"{out / 'last.pt'} holds epoch {epoch + 1} of {epochs}"
         barrier()
 
@@ -316,13 +337,18 @@ def _run(session: Session, args: argparse.Namespace) -> None:
 
 
 def _save(out, model: nn.Module, mode: str, optimizer, scheduler, epoch: int, best: float,
-          metric: str, history: list, state: QatState, cfg: Config, improved: bool) -> None:
+          metric: str, history: list, state: QatState, cfg: Config, improved: bool,
+          live: tuple[nn.Module, AveragedModel] | None = None) -> None:
     """``last.pt`` (and ``best.pt`` when improved), written atomically. QAT checkpoints carry
-    modelopt's state and static ranges, so every script can load them."""
+    modelopt's state and static ranges, so every script can load them. With a weight average
+    ``model`` is the average; ``live`` (the trained model and its average) adds what a resumed
+    run needs to continue to the same weights: the live weights and the average's step count."""
     ckpt: dict[str, Any] = {
         "mode": mode, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "epoch": epoch, "best_metric": best,
         "metric": metric, "history": history, "rng": rng_state(), "config": config_to_dict(cfg)}
+    if live is not None:
+        ckpt.update(live=live[0].state_dict(), ema_steps=int(live[1].n_averaged))
     if mode != "float":
         from . import quant
         quant.mirror_learned_ranges(model)

@@ -17,7 +17,7 @@ from pidnet.train import main as train_main
 
 from .helpers import ROOT, tiny_config
 
-LRASPP_HOOKS = str(ROOT / "tests" / "fixtures" / "lraspp_hooks.py")
+LRASPP_HOOKS = str(ROOT / "examples" / "segmentation" / "hooks.py")
 
 
 def _config(tmp_path, **extra):
@@ -55,13 +55,15 @@ def test_torchvision_lraspp_goes_through_every_script(tmp_path, capsys):
                         "--set", f"output_dir={out['export']}"]) == 0
     export = json.loads((out["export"] / "results.json").read_text())
     assert export["metric"] == "loss" and export["metric_drop"] <= 0.3
-    # every quantized tensor compared; with random weights the activations of the last
-    # squeeze-excite blocks are about 1e-8, below what modelopt's fake quantization keeps
-    # (it zeroes them, the graph does not): the check names the first such tensor
+    # every quantized tensor compared. With random weights the squeeze-excite branches are
+    # where onnxruntime's integer kernels and PyTorch part: their 1x1 convolutions read a
+    # vector of 24-120 channel means, and a one-step rounding difference of the integer average
+    # pool and product upstream grows to 2-4 steps on a few of those elements; the metric does
+    # not move (above). The check names the first such tensor, in a squeeze-excite branch.
     check = export["layer_check"]
     assert check["tensors"] > 60
     if check["first_divergence"] is not None:
-        assert check["first_divergence"]["quantizer"].endswith("avgpool.input_quantizer")
+        assert ".block.2." in check["first_divergence"]["quantizer"]
 
 
 def test_dict_batches_need_their_keys_and_say_so(tmp_path, capsys):

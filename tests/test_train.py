@@ -42,11 +42,13 @@ def _state(path):
     return read_checkpoint(path)["model"]
 
 
-@pytest.mark.parametrize("moment", ["before_first_checkpoint", "after_first_checkpoint"])
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, moment):
+@pytest.mark.parametrize("moment,ema", [("before_first_checkpoint", 0.0),
+                                        ("after_first_checkpoint", 0.0),
+                                        ("after_first_checkpoint", 0.9)])
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, moment, ema):
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     ref_dir.mkdir(), cut_dir.mkdir()
-    train = {"epochs": 3, "lr": 0.01, "log_interval": 0}
+    train = {"epochs": 3, "lr": 0.01, "log_interval": 0, "ema_decay": ema}
     ref_cfg = tiny_config(ref_dir, train=train)
     cut_cfg = tiny_config(cut_dir, train=train)
     assert run_script("qat_train.py", "--mode", "float", "--config", str(ref_cfg)).returncode == 0
@@ -69,8 +71,14 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, moment):
     (cut_dir / "run" / ".epochs.csv.killed.tmp").write_text("epoch,mi")
     done = run_script("qat_train.py", "--mode", "float", "--config", str(cut_cfg), "--resume")
     assert done.returncode == 0, done.stderr
-    ref, cut = _state(ref_dir / "run" / "last.pt"), _state(last)
-    assert all(torch.allclose(ref[k].float(), cut[k].float(), atol=1e-6) for k in ref)
+    ref, cut = read_checkpoint(ref_dir / "run" / "last.pt"), read_checkpoint(last)
+    for weights in ("model", "live") if ema else ("model",):
+        assert all(torch.allclose(ref[weights][k].float(), cut[weights][k].float(), atol=1e-6)
+                   for k in ref[weights])
+    if ema:   # the saved model is the average, not the live weights
+        assert ref["ema_steps"] == cut["ema_steps"] > 0
+        assert any(not torch.equal(v, ref["live"][k]) for k, v in ref["model"].items()
+                   if v.is_floating_point())
     ref_hist = json.loads((ref_dir / "run" / "results.json").read_text())["epochs"]
     cut_hist = json.loads((cut_dir / "run" / "results.json").read_text())["epochs"]
     assert [e["miou"] for e in ref_hist] == pytest.approx([e["miou"] for e in cut_hist])

@@ -13,6 +13,7 @@ import modelopt.torch.opt as mto
 import modelopt.torch.quantization as mtq
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from modelopt.torch.quantization.nn import QuantModuleRegistry, TensorQuantizer
 from torch import nn
 
@@ -79,9 +80,22 @@ class QuantHardsigmoid(_QuantOutput, nn.Hardsigmoid):
     known_amax = {"output_quantizer": 1.0}
 
 
-class QuantHardswish(_QuantOutput, nn.Hardswish):
-    """``q(hardswish(x))``: signed (its minimum is -3/8), so the convolution reading it gets
-    an integer input."""
+class QuantHardswish(nn.Hardswish):
+    """``q(x * q_gate(hardsigmoid(x)))``, hardswish written as the product onnxruntime runs
+    it as (it has no integer HardSwish): the product is an integer QLinearMul of ``x`` and
+    the gate, quantized unsigned in [0, 1], as onnxruntime's own ``quantize_static`` makes it;
+    the output is signed (its minimum is -3/8)."""
+
+    inner_quantizers = ("gate_quantizer",)
+    unsigned_quantizers = ("gate_quantizer",)
+    known_amax = {"gate_quantizer": 1.0}
+
+    def _setup(self) -> None:
+        self.gate_quantizer = TensorQuantizer()
+        self.output_quantizer = TensorQuantizer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_quantizer(x * self.gate_quantizer(F.hardsigmoid(x)))
 
 
 class QuantMul(_QuantOutput, Mul):
@@ -345,7 +359,8 @@ def _place_at_producers(model: nn.Module, flow: Dataflow, qcfg: QuantConfig,
         inner = [(module, attr) for attr in getattr(module, "inner_quantizers", ())]
         for owner, attr in [*inner, (modules[end], "output_quantizer")]:
             q = getattr(owner, attr)
-            unsigned = attr == "output_quantizer" and getattr(owner, "unsigned_output", False)
+            unsigned = attr in getattr(owner, "unsigned_quantizers", ()) or (
+                attr == "output_quantizer" and getattr(owner, "unsigned_output", False))
             q.set_from_attribute_config({"num_bits": qcfg.act_bits, "axis": None,
                                          "unsigned": unsigned, "pass_through_bwd": False})
             q.enable()
