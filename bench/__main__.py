@@ -116,6 +116,13 @@ def collect() -> dict[str, Any]:
             qat = export["agreement"]["qat_onnxruntime"]
             figures["qat_int8_argmax_agreement"] = _figure(round(qat, 4), None, None, cmd,
                                                            "export_speed.json")
+    plateau = _load("float_plateau")
+    if plateau:
+        for setting, control in plateau["controls"].items():
+            figures[f"float_fine_tune_gain_{setting}_recipe"] = _figure(
+                f"{control['gain_over_float']:+.2f} ({control['mean']:.2f} ± "
+                f"{control['std']:.2f} vs {plateau['float']:.2f})", "<= +0.3",
+                control["gain_over_float"] <= 0.3, plateau["command"], "float_plateau.json")
     other = _load("any_model_speed")
     if other:
         speed, cmd = other["latency"]["speedup_over_float"], other["command"]
@@ -139,8 +146,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default="runs/float/best.pt")
     parser.add_argument("--only", nargs="*", default=None,
-                        choices=["calib_speed", "qat_modes", "sensitivity_cost", "export_speed",
-                                 "any_model_speed"])
+                        choices=["calib_speed", "float_plateau", "qat_modes",
+                                 "sensitivity_cost", "export_speed", "any_model_speed"])
     parser.add_argument("--collect-only", action="store_true")
     args = parser.parse_args()
     if not args.collect_only:
@@ -149,6 +156,7 @@ def main() -> None:
                             "config.yaml", "--set", "output_dir=runs/float", "--resume"],
                            cwd=ROOT, check=True)
         runs = {"calib_speed": ["--weights", args.weights],
+                "float_plateau": ["--weights", args.weights],
                 "qat_modes": ["--float-weights", args.weights],
                 "sensitivity_cost": ["--weights", args.weights],
                 "export_speed": ["--weights", args.weights],

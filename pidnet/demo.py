@@ -25,7 +25,7 @@ from .cli import EXIT_GATE, EXIT_INTERRUPTED, EXIT_OK, setup_logging, stop_on_si
 from .export_onnx import main as export_main
 from .layer_check import describe
 from .pipeline import qat_start
-from .plots import plot_qat_curves
+from .plots import plot_float_curve, plot_qat_curves
 from .reports import atomic_write_text, format_table, write_json
 from .sensitivity_analysis import main as sensitivity_main
 from .train import main as train_main
@@ -116,6 +116,10 @@ def write_report(runs: Path, exported_from: str, seconds: dict[str, float]) -> P
               for mode in QAT_MODES}
     ptq = {r["stage"]: r[metric] for r in rows if r["stage"].startswith("PTQ")}
     plot_qat_curves(curves, rows[0][metric], ptq, metric, runs / "qat_curves.png")
+    float_epochs = _results(runs / "float")["epochs"]
+    float_curve = [e[metric] for e in float_epochs]
+    plot_float_curve([e["train_loss"] for e in float_epochs], float_curve, metric,
+                     runs / "float_curve.png")
     gate = "met" if facts["metric_drop"] <= facts["max_metric_drop"] else "missed"
     diverged = describe(facts["first_divergence"]) if facts["first_divergence"] else "none"
     table = format_table(rows, ["stage", metric, "best", "source"])
@@ -135,7 +139,10 @@ def write_report(runs: Path, exported_from: str, seconds: dict[str, float]) -> P
         f"integer kernels: {facts['agreement_unfused']:.2%}; PyTorch alone with batch norm "
         f"folded: {facts['agreement_folded']:.2%}), integer convolutions "
         f"{facts['integer_convs']} (export/results.json)",
-        "", "![QAT per epoch](qat_curves.png)", "",
+        f"- Float model, val {metric} per epoch (float/results.json): "
+        + ", ".join(f"{v:.2f}" for v in float_curve),
+        "", "![Float per epoch](float_curve.png)", "",
+        "![QAT per epoch](qat_curves.png)", "",
         "![Sensitivity per layer](sensitivity/sensitivity.png)", "",
         "Stage wall times this run (0: finished in an earlier run): "
         + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()), ""]

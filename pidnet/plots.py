@@ -81,6 +81,29 @@ def plot_qat_curves(curves: Mapping[str, Sequence[float]], float_value: float,
     return _save(fig, path)
 
 
+def plot_float_curve(train_loss: Sequence[float], values: Sequence[float], metric: str,
+                     path: str | Path) -> Path:
+    """The float model's val metric per epoch (the kept epoch marked) and its training loss:
+    whether the float baseline every figure rests on has stopped improving."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    epochs = range(1, len(values) + 1)
+    ax.plot(epochs, values, marker="o", label=f"val {metric}")
+    best = max(range(len(values)), key=lambda i: values[i]) if metric != "loss" else min(
+        range(len(values)), key=lambda i: values[i])
+    ax.plot([best + 1], [values[best]], marker="*", markersize=14, color="tab:red",
+            linestyle="none", label=f"kept: epoch {best + 1}, {values[best]:.2f}")
+    ax.set_xlabel("float epoch")
+    ax.set_ylabel(metric)
+    loss_ax = ax.twinx()
+    loss_ax.plot(epochs, train_loss, color="tab:gray", alpha=0.6, label="train loss")
+    loss_ax.set_ylabel("train loss")
+    ax.set_title("Float training per epoch", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def plot_qat_settings(settings: Mapping[str, Mapping[str, Any]], metric: str,
                       path: str | Path) -> Path:
     """One panel per bit setting: each run's mean per-epoch metric, float and the best PTQ."""

@@ -92,10 +92,10 @@ def optimized_ops(path: str | Path, threads: int) -> dict[str, Any]:
         session(path, threads, out, ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
         graph = onnx.load(str(out)).graph
     counts = collections.Counter(n.op_type for n in graph.node)
-    left = collections.defaultdict(list)   # the float ops by node name (the exporter's scope)
-    for node in graph.node:
+    left = collections.defaultdict(list)   # the float ops by node name (the exporter's scope;
+    for node in graph.node:                # a node onnxruntime made has none: by its output)
         if node.op_type in (*QUANTIZABLE, "FusedConv"):
-            left[node.op_type].append(node.name)
+            left[node.op_type].append(node.name or node.output[0])
     return {"integer": {k: counts[k] for k in INTEGER_OPS if counts[k]},
             "float": {k: counts[k] for k in QUANTIZABLE if counts[k]},
             "float_nodes": dict(left),

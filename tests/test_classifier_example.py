@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 from pidnet.calibrate import main as calibrate_main
+from pidnet.checkpoint import read_checkpoint
+from pidnet.config import load_config
 from pidnet.export_onnx import main as export_main
+from pidnet.hooks import load_hooks
+from pidnet.pipeline import Session, build_criterion, evaluate_model
 from pidnet.sensitivity_analysis import main as sensitivity_main
 from pidnet.train import main as train_main
 
@@ -71,3 +76,23 @@ def test_classifier_goes_through_every_script(classifier):
     assert export["optimized_int8_graph"]["integer_convs"] > 0
     assert abs(export["metrics"]["onnxruntime_int8"]
                - export["metrics"]["pytorch_fake_quant"]) <= 3.0
+
+
+def test_classifier_float_training_keeps_a_weight_average(classifier):
+    """``train.ema_decay`` for a model that is not PIDNet: the saved model is the average (its
+    accuracy is the one reported), the live weights ride along in last.pt."""
+    tmp, cfg = classifier
+    out = tmp / "float_ema"
+    assert train_main(["--mode", "float", "--config", str(cfg), "--set", "train.epochs=1",
+                       "--set", "train.ema_decay=0.9", "--set", f"output_dir={out}"]) == 0
+    last = read_checkpoint(out / "last.pt")
+    assert last["ema_steps"] == 512 // 32
+    assert not torch.equal(last["model"]["fc.weight"], last["live"]["fc.weight"])
+    session = Session(load_config(str(cfg)), out, load_hooks(str(
+        ROOT / "examples" / "classifier" / "hooks.py")), torch.device("cpu"))
+    model = session.hooks.get_model(session.cfg)
+    model.load_state_dict(last["model"])
+    val = session.hooks.get_data_loader(session.cfg, "val")
+    reported = _results(out)["epochs"][0]["accuracy"]
+    assert evaluate_model(session, model, val, build_criterion(session))["accuracy"] == (
+        pytest.approx(reported))

@@ -83,7 +83,11 @@ def test_demo_runs_every_stage_and_reports_what_the_files_hold(tmp_path, capsys,
     gate = f"{export['metric_drop']:.2f} below PyTorch fake-quant (gate: at most 0.3: met)"
     assert gate in report
     assert (runs / "export" / "layers.csv").exists()
-    assert (runs / "qat_curves.png").exists()
+    assert (runs / "qat_curves.png").exists() and (runs / "float_curve.png").exists()
+    float_curve = [e["miou"] for e in json.loads((runs / "float" / "results.json").read_text())[
+        "epochs"]]
+    assert "val miou per epoch (float/results.json): " + ", ".join(
+        f"{v:.2f}" for v in float_curve) in report
     assert (runs / "sensitivity" / "sensitivity.png").exists()
 
     # a rerun after the sweep and the export lost their results: the sweep resumes from its
