@@ -198,7 +198,7 @@ def _analyse(args: argparse.Namespace) -> None:
         return metrics[picked["name"]]
 
     # rank 0 alone measures the baselines (and later selects): it takes the smaller share
-    baseline: dict[str, float] = {}
+    baseline: dict[str, Any] = {}
     if finished is not None:
         baseline = dict(finished["baseline"])
     elif rank() == 0:
@@ -208,6 +208,7 @@ def _analyse(args: argparse.Namespace) -> None:
         baseline["float"] = baseline["quantizers_off"] if reference is None else \
             evaluate_model(session, reference, batches, criterion)[picked["name"]]
         baseline["quantized"] = measure()
+        baseline["reference"] = reference_source   # where "float" came from
         logger.info("%s: float %.4f (%s), quantizers off %.4f, fully quantized %.4f; %d layers "
                     "(%s), %d already measured", picked["name"], baseline["float"],
                     reference_source, baseline["quantizers_off"], baseline["quantized"],

@@ -254,3 +254,5 @@ def test_a_qat_checkpoint_is_measured_against_the_float_model_it_came_from(tmp_p
         # the float model on the same batches, not the QAT weights with quantizers off
         assert base["float"] == pytest.approx(float_miou, abs=1e-6)
         assert base["quantizers_off"] != pytest.approx(base["float"], abs=1e-3)
+        assert base["reference"] == f"float weights {tiny_float_weights} (" + (
+            "recorded in the checkpoint)" if name == "recorded" else "sensitivity.reference)")
