@@ -79,6 +79,50 @@ def onnx_tensors(graph: onnx.GraphProto, known: set[str]
 
 
 @torch.no_grad()
+def _stem(name: str) -> str:
+    """The name the exporter gives a module's scope: from its last non-numeric atom on
+    (``model.layer2.0.downsample.1`` -> ``downsample.1``, a folded batch norm's quantizer)."""
+    atoms = name.split(".")
+    last = max((i for i, a in enumerate(atoms) if not a.isnumeric()), default=0)
+    return ".".join(atoms[last:])
+
+
+def onnx_tensors_in_order(graph: onnx.GraphProto, order: list[tuple[str, int]],
+                          sizes: dict[tuple[str, int], int], graph_sizes: dict[str, int]
+                          ) -> dict[tuple[str, int], tuple[str, np.ndarray, int]] | None:
+    """(quantizer, call) -> its DequantizeLinear, matched by execution order: the exporter
+    emits nodes in the order the trace ran, so the quantizers PyTorch ran appear in that order
+    among the graph's DequantizeLinear nodes (with others between them that the export's
+    rewrites added), each in a scope named after the quantizer (a ``_k`` counter appended
+    where that name repeats). Needed for a ``torch.fx`` rewrite (``quant.graph``), whose
+    forward calls every module from the top, so the exporter names a scope by the module's
+    own name alone (``/relu_1_9/``, ``/relu_1/output_quantizer_9/``): names repeat across the
+    network and its counters mix with the rewrite's suffixes. A match also needs the tensor's
+    size (``sizes``, PyTorch's; ``graph_sizes``, the graph's by tensor name); a quantizer of a
+    branch the export dropped (an auxiliary head) finds none and is left out. None where fewer
+    than nine in ten quantizers are found (the names then decide)."""
+    index = _GraphIndex(graph)
+    nodes = []
+    for node in graph.node:
+        scopes = [s for s in node.name.split("/") if s]
+        if node.op_type == "DequantizeLinear" and len(scopes) >= 2:
+            nodes.append((re.sub(r"_\d+$", "", scopes[-2]), node))
+    places, position = {}, 0
+    for key in order:
+        stem, ahead = _stem(key[0]), position
+        while ahead < len(nodes) and (nodes[ahead][0] != stem or graph_sizes.get(
+                nodes[ahead][1].output[0]) not in (sizes[key], None)):
+            ahead += 1
+        if ahead == len(nodes):
+            continue   # not in the graph
+        node, position = nodes[ahead][1], ahead + 1
+        scale = index.constant(node.input[1])
+        if scale is not None:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            places[key] = (node.output[0], scale.astype(np.float64), axis)
+    return places if len(places) >= 0.9 * len(order) else None
+
+
 def pytorch_tensors(model: nn.Module, inputs: torch.Tensor
                     ) -> tuple[dict[tuple[str, int], tuple[np.ndarray, np.ndarray | None]],
                                list[tuple[str, int]]]:
@@ -153,9 +197,11 @@ def compare_layers(model: nn.Module, path: str | Path, inputs: torch.Tensor, thr
     module (batch norm folded)."""
     known = set(quant.quantizers(model))
     graph = onnx.load(str(path)).graph
-    places = onnx_tensors(graph, known)
     reference, order = pytorch_tensors(model, inputs)
     values = _graph_values(Path(path), inputs.cpu().numpy(), threads)
+    places = onnx_tensors_in_order(graph, order, {k: v[0].size for k, v in reference.items()},
+                                   {k: v.size for k, v in values.items()}) \
+        or onnx_tensors(graph, known)
     rows = []
     for key in order:
         if key not in places:
