@@ -88,7 +88,8 @@ def _stem(name: str) -> str:
 
 
 def onnx_tensors_in_order(graph: onnx.GraphProto, order: list[tuple[str, int]],
-                          sizes: dict[tuple[str, int], int], graph_sizes: dict[str, int]
+                          shapes: dict[tuple[str, int], tuple[int, ...]],
+                          graph_sizes: dict[str, int]
                           ) -> dict[tuple[str, int], tuple[str, np.ndarray, int]] | None:
     """(quantizer, call) -> its DequantizeLinear, matched by execution order: the exporter
     emits nodes in the order the trace ran, so the quantizers PyTorch ran appear in that order
@@ -98,7 +99,8 @@ def onnx_tensors_in_order(graph: onnx.GraphProto, order: list[tuple[str, int]],
     forward calls every module from the top, so the exporter names a scope by the module's
     own name alone (``/relu_1_9/``, ``/relu_1/output_quantizer_9/``): names repeat across the
     network and its counters mix with the rewrite's suffixes. A match also needs the tensor's
-    size (``sizes``, PyTorch's; ``graph_sizes``, the graph's by tensor name); a quantizer of a
+    size to fit PyTorch's shape (``shapes``; ``graph_sizes``, the graph's by tensor name; input
+    channels the export padded allowed, as ``_as_shaped`` cuts them); a quantizer of a
     branch the export dropped (an auxiliary head) finds none and is left out. None where fewer
     than nine in ten quantizers are found (the names then decide)."""
     index = _GraphIndex(graph)
@@ -110,8 +112,8 @@ def onnx_tensors_in_order(graph: onnx.GraphProto, order: list[tuple[str, int]],
     places, position = {}, 0
     for key in order:
         stem, ahead = _stem(key[0]), position
-        while ahead < len(nodes) and (nodes[ahead][0] != stem or graph_sizes.get(
-                nodes[ahead][1].output[0]) not in (sizes[key], None)):
+        while ahead < len(nodes) and (nodes[ahead][0] != stem or not _fits(
+                graph_sizes.get(nodes[ahead][1].output[0]), shapes[key])):
             ahead += 1
         if ahead == len(nodes):
             continue   # not in the graph
@@ -177,6 +179,12 @@ def _graph_values(path: Path, inputs: np.ndarray, threads: int) -> dict[str, np.
     return {k: v[0] for k, v in values.items()}
 
 
+def _fits(size: int | None, shape: tuple[int, ...]) -> bool:
+    """Whether a graph tensor of ``size`` elements can be PyTorch's of ``shape``
+    (``_as_shaped``); an unknown size fits."""
+    return size is None or _as_shaped(np.empty(size, dtype=np.uint8), shape) is not None
+
+
 def _as_shaped(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
     """The graph's flattened tensor in PyTorch's ``shape``; an input whose channels the export
     padded (zeros appended along axis 1) is cut back to the original channels."""
@@ -199,7 +207,7 @@ def compare_layers(model: nn.Module, path: str | Path, inputs: torch.Tensor, thr
     graph = onnx.load(str(path)).graph
     reference, order = pytorch_tensors(model, inputs)
     values = _graph_values(Path(path), inputs.cpu().numpy(), threads)
-    places = onnx_tensors_in_order(graph, order, {k: v[0].size for k, v in reference.items()},
+    places = onnx_tensors_in_order(graph, order, {k: v[0].shape for k, v in reference.items()},
                                    {k: v.size for k, v in values.items()}) \
         or onnx_tensors(graph, known)
     rows = []

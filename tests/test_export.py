@@ -180,6 +180,18 @@ def test_pidnet_ops_between_convolutions_follow_the_target(tmp_path, target):
             f"QLinear{op}": n - attention.get(op, 0) for op, n in between.items()}}
     else:
         assert {op: graph["float"].get(op) for op in between} == between
+    if target == "onnxruntime":
+        # one quantizer per call site (relu, relu_1, ... relu_7): the exporter names their scopes
+        # by the module's own name with counters of its own; the layer check still pairs each
+        # with its own tensor (by execution order; the name pairing put relu 250 steps off).
+        # Random weights amplify rounding with depth: the first tensors are within a few steps
+        with (tmp_path / "run" / "layers.csv").open() as f:
+            rows = {r["quantizer"]: r for r in csv.DictReader(f)}
+        assert len(rows) >= 200
+        assert len([n for n in rows if n.startswith("model.relu")]) == 8
+        for name in ("model.conv1.0.input_quantizer", "model.layer1.0.relu.output_quantizer",
+                     "model.relu.output_quantizer", "model.relu_1.output_quantizer"):
+            assert float(rows[name]["max_steps_off"]) <= 5, name
     # weights stored as INT8: the file is about a quarter of the float graph's
     sizes = results["file_bytes"]
     assert sizes["int8"] <= 0.3 * sizes["float"]
