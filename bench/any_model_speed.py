@@ -18,41 +18,20 @@ peer. Figures: bench/results/any_model_speed.json.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 from pathlib import Path
 
-import numpy as np
-from onnxruntime.quantization import CalibrationDataReader
 
 from bench import save_result
-from bench.export_speed import quantize_like_onnxruntime
+from bench.export_speed import Scenes, quantize_like_onnxruntime
 from pidnet import runtime
-from pidnet.batches import Pairs
 from pidnet.calibrate import main as calibrate_main
-from pidnet.config import load_config
 from pidnet.export_onnx import main as export_main
-from pidnet.hooks import load_hooks
 from pidnet.reports import versions
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "segmentation" / "config.yaml"
-
-
-class CalibImages(CalibrationDataReader):
-    """The images of the calib batches calibrate.py reads, one at a time."""
-
-    def __init__(self, overrides: list[str]) -> None:
-        cfg = load_config(str(CONFIG), overrides)
-        loader = Pairs(load_hooks(cfg.hooks).get_data_loader(cfg, "calib"),
-                       cfg.batch.inputs, cfg.batch.targets)
-        batches = itertools.islice(loader, cfg.calib.num_batches)
-        self.images = iter([x[i:i + 1].numpy() for x, _ in batches for i in range(len(x))])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        image = next(self.images, None)
-        return None if image is None else {"input": image}
 
 
 def main() -> None:
@@ -80,7 +59,7 @@ def main() -> None:
     assert code in (0, 3), code
     ours = json.loads((export / "results.json").read_text())
     peer = quantize_like_onnxruntime(export / "float.onnx", out / "quantize_static.onnx",
-                                     CalibImages(overrides))
+                                     Scenes(str(CONFIG), overrides, None))
     graphs = {"float": export / "float.onnx", "pidnetqat_int8": export / "int8.onnx",
               "onnxruntime_quantize_static": peer}
     latency = runtime.paired_latency(graphs, (1, 3, h, w), args.threads, args.runs)

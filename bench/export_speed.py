@@ -37,6 +37,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from bench import save_result
 from pidnet import runtime
+from pidnet.batches import Pairs
 from pidnet.calibrate import main as calibrate_main
 from pidnet.config import Config, load_config
 from pidnet.engine import pick_metric
@@ -50,11 +51,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 class Scenes(CalibrationDataReader):
     """The calib split's images, one at a time, for onnxruntime's calibrator: the first
-    ``count``, or (None) those of the ``calib.num_batches`` batches calibrate.py reads."""
+    ``count``, or (None) those of the ``calib.num_batches`` batches calibrate.py reads. Any
+    hooks' batches (pairs or dicts, ``batch.inputs``)."""
 
     def __init__(self, config: str, overrides: list[str], count: int | None) -> None:
         cfg = load_config(config, overrides)
-        loader = load_hooks(cfg.hooks).get_data_loader(cfg, "calib")
+        loader = Pairs(load_hooks(cfg.hooks).get_data_loader(cfg, "calib"), cfg.batch.inputs,
+                       cfg.batch.targets)
         batches = itertools.islice(loader, cfg.calib.num_batches if count is None else None)
         images = [x[i:i + 1].numpy() for x, _ in batches for i in range(len(x))]
         self.images = iter(images[:count])
