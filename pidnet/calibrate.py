@@ -2,8 +2,11 @@
 
 Statistics are collected once over ``calib.num_batches`` batches of the calib split; every
 method in ``calib.methods`` (``percentile`` at each of ``calib.percentiles``) computes its
-ranges from them and is evaluated on the val split. The best one's quantized model is saved as
-``quantized.pt``, and the config keys that make it QAT ``calib`` mode's start are printed.
+ranges from them and is evaluated on the val split. Then the best method with each
+post-training step of ``calib.steps`` (equalization, bias correction, AdaRound), and with all
+of them, one row each, as is the config's own combination of steps when it sets one. The best
+row's quantized model is saved as ``quantized.pt``, and the config keys that make it QAT
+``calib`` mode's start are printed.
 """
 from __future__ import annotations
 
@@ -16,9 +19,9 @@ from typing import Any
 from .cli import base_parser, run_cli
 from .engine import pick_metric
 from .errors import QualityGateError
-from .pipeline import (build_criterion, build_model, calibrations, evaluate_model,
-                       quantized_copy_with_stats, require_trained_model, save_quantized,
-                       start_session)
+from .pipeline import (Steps, build_criterion, build_model, calibrations, evaluate_model,
+                       post_training, quantized_copy_with_stats, require_trained_model,
+                       save_quantized, start_session)
 from .reports import format_table, write_json
 
 logger = logging.getLogger(__name__)
@@ -45,26 +48,54 @@ def _calibrate(args: argparse.Namespace) -> None:
     float_metrics = evaluate_model(session, float_model, val_loader, criterion)
     name, higher = pick_metric(float_metrics, cfg.metric)
     logger.info("float %s %.2f", name, float_metrics[name])
-    model, stats, stats_seconds = quantized_copy_with_stats(session, float_model, calib_loader)
+    model, stats, stats_seconds = quantized_copy_with_stats(session, float_model, calib_loader,
+                                                            equalize=False)
+    configured = Steps.configured(cfg.calib)
+    pick = max if higher else min
 
     rows: list[dict[str, Any]] = []
     uncalibrated: dict[str, list[str]] = {}
+
+    def row(label: str, quantized: Any, seconds: float, config: dict[str, Any],
+            **extra: Any) -> dict[str, Any]:
+        metrics = evaluate_model(session, quantized, val_loader, criterion)
+        logger.info("%s: %s %.2f (float %.2f)", label, name, metrics[name], float_metrics[name])
+        rows.append({"method": label, name: metrics[name],
+                     "drop": float_metrics[name] - metrics[name],
+                     "calib_seconds": round(seconds, 2), "metrics": metrics,
+                     "config": config, **extra})
+        return rows[-1]
+
     by_name = {}
     for calibration in calibrations(cfg.calib):
         start = time.perf_counter()
         uncalibrated[calibration.name] = calibration.apply(model, stats)
-        seconds = stats_seconds + time.perf_counter() - start
-        metrics = evaluate_model(session, model, val_loader, criterion)
-        rows.append({"method": calibration.name, name: metrics[name],
-                     "drop": float_metrics[name] - metrics[name],
-                     "calib_seconds": round(seconds, 2), "metrics": metrics,
-                     "config": calibration.config()})
+        keys = calibration.config() | (Steps().config() if configured != Steps() else {})
+        row(calibration.name, model, stats_seconds + time.perf_counter() - start, keys)
         by_name[calibration.name] = calibration
-        logger.info("%s: %s %.2f (float %.2f)", calibration.name, name, metrics[name],
-                    float_metrics[name])
+    best_range = pick(rows, key=lambda r: r[name])
+    calibration = by_name[best_range["method"]]
 
-    best = (max if higher else min)(rows, key=lambda r: r[name])
-    by_name[best["method"]].apply(model, stats)
+    # the post-training steps on the best range method: each alone, all together, the config's
+    compared = [Steps.named([s]) for s in cfg.calib.steps]
+    if len(compared) > 1:
+        compared.append(Steps.named(cfg.calib.steps))
+    if configured != Steps() and configured not in compared:
+        compared.append(configured)
+    models: dict[str, Any] = {}
+    for steps in compared:
+        start = time.perf_counter()
+        stepped, _, report = post_training(session, float_model, calib_loader, calibration, steps)
+        label = f"{calibration.name} + {steps.name}"
+        row(label, stepped, time.perf_counter() - start, calibration.config() | steps.config(),
+            steps=report)
+        models[label] = stepped
+
+    best = pick(rows, key=lambda r: r[name])
+    if best["method"] in models:
+        model = models[best["method"]]
+    else:
+        by_name[best["method"]].apply(model, stats)
     checkpoint = save_quantized(out / "quantized.pt", model, cfg, method=best["method"],
                                 metric=name, value=best[name])
     table = [{"method": "float", name: float_metrics[name], "drop": 0.0}] + rows

@@ -75,6 +75,19 @@ class CalibConfig:
     percentiles: list[float] = field(
         default_factory=lambda: [99.0, 99.5, 99.9, 99.99, 99.999],
         metadata={"bounds": Bounds(above=0, high=100)})
+    # Post-training steps beyond ranges (README "PTQ steps"), used wherever a model is
+    # calibrated: calibrate.py, QAT calib and stats starts, sensitivity and export from float
+    equalize: bool = False          # fold batch norms, equalize layers joined by a ReLU (before)
+    bias_correction: bool = False   # subtract each layer's mean output shift (after ranges)
+    weight_rounding: str = "nearest"   # nearest | adaround (learned per layer, after ranges)
+    # what calibrate.py adds to the best range method, one row each and one with all
+    steps: list[str] = field(default_factory=list)
+    step_batches: int = ranged(4, 1)   # calib batches AdaRound and bias correction learn from
+    adaround_iterations: int = ranged(1000, 1)      # per layer (AIMET: 10000)
+    adaround_reg: float = ranged(0.01, above=0)     # weight of the rounding regulariser
+    adaround_beta: list[float] = field(               # annealed from the first to the second
+        default_factory=lambda: [20.0, 2.0], metadata={"bounds": Bounds(above=0)})
+    adaround_warm_start: float = ranged(0.2, 0, below=1)   # share of iterations unregularised
 
 
 @dataclass
@@ -225,9 +238,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sensitivity.direction": ("disable_one", "enable_one"),
     "export.target": ("tensorrt", "onnxruntime"),
     "quant.weight_range": ("max", "mse"),
+    "calib.weight_rounding": ("nearest", "adaround"),
+    "calib.steps": ("equalize", "bias_correction", "adaround"),
 }
 NON_EMPTY = ("calib.methods", "calib.percentiles", "sensitivity.output_file")
-LENGTHS = {"export.input_size": 2}
+LENGTHS = {"export.input_size": 2, "calib.adaround_beta": 2}
 # The original README's flat keys and where they live now.
 LEGACY_KEYS: dict[str, str] = {"tolerance": "sensitivity.tolerance",
                                "output_file": "sensitivity.output_file"}

@@ -232,20 +232,121 @@ def check_prediction(session: Session, model: nn.Module) -> None:
     session.hooks.prediction(outputs, session.cfg)
 
 
-def quantized_copy_with_stats(session: Session, float_model: nn.Module, loader: Iterable
+def quantized_copy_with_stats(session: Session, float_model: nn.Module, loader: Iterable,
+                              equalize: bool | None = None
                               ) -> tuple[nn.Module, dict[str, Any], float]:
     """A fake-quant copy of ``float_model`` and its activation statistics, collected once over
     ``calib.num_batches`` of ``loader`` (merged across ranks); also the seconds taken. Ranges
-    are not set yet: ``quant.apply_ranges`` does that for any method."""
+    are not set yet: ``quant.apply_ranges`` does that for any method. With ``equalize``
+    (default ``calib.equalize``) the copy's batch norms are folded and its layers equalized
+    before the quantizers go in."""
     from . import quant   # imports modelopt: only scripts that quantize pay for it
 
     cfg = session.cfg
-    model = quant.insert_quantizers(copy.deepcopy(float_model), cfg.quant, cfg.export.target,
-                                    example_input(session, loader))
-    model = model.to(session.device)
     start = time.perf_counter()
+    example = example_input(session, loader)
+    model = copy.deepcopy(float_model)
+    if cfg.calib.equalize if equalize is None else equalize:
+        quant.equalize(model.to(session.device).eval(), example)
+    model = quant.insert_quantizers(model, cfg.quant, cfg.export.target, example)
+    model = model.to(session.device)
     stats = activation_stats(session, model, loader)
     return model, stats, time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class Steps:
+    """The post-training steps beyond ranges a calibration applies (``calib.equalize``,
+    ``calib.bias_correction``, ``calib.weight_rounding``)."""
+
+    equalize: bool = False
+    bias_correction: bool = False
+    adaround: bool = False
+
+    @classmethod
+    def configured(cls, calib: CalibConfig) -> Steps:
+        return cls(calib.equalize, calib.bias_correction, calib.weight_rounding == "adaround")
+
+    @classmethod
+    def named(cls, names: Iterable[str]) -> Steps:
+        names = set(names)
+        return cls("equalize" in names, "bias_correction" in names, "adaround" in names)
+
+    @property
+    def name(self) -> str:
+        parts = [n for n, on in (("equalize", self.equalize),
+                                 ("bias correction", self.bias_correction),
+                                 ("AdaRound", self.adaround)) if on]
+        return " + ".join(parts)
+
+    def config(self) -> dict[str, Any]:
+        """The config keys that apply these steps."""
+        return {"calib.equalize": self.equalize, "calib.bias_correction": self.bias_correction,
+                "calib.weight_rounding": "adaround" if self.adaround else "nearest"}
+
+
+def calib_inputs(session: Session, loader: Iterable) -> list[Any]:
+    """The inputs of the first ``calib.step_batches`` batches of ``loader``, on the device:
+    what AdaRound and bias correction learn from."""
+    return [to_device(inputs, session.device) for inputs, _targets
+            in itertools.islice(pairs(session, loader), session.cfg.calib.step_batches)]
+
+
+def finish_post_training(session: Session, model: nn.Module, loader: Iterable,
+                         steps: Steps) -> dict[str, Any]:
+    """The steps that follow range calibration, in place: AdaRound, then bias correction
+    (which corrects what rounding leaves). Under torchrun every rank ends with rank 0's
+    weights. Returns what each step reports, with its seconds."""
+    from . import quant
+
+    cfg = session.cfg
+    report: dict[str, Any] = {}
+    if not (steps.adaround or steps.bias_correction):
+        return report
+    inputs = calib_inputs(session, loader)
+    example = inputs[0]
+    if steps.adaround:
+        start = time.perf_counter()
+        settings = quant.AdaRoundSettings(
+            iterations=cfg.calib.adaround_iterations, reg=cfg.calib.adaround_reg,
+            beta=tuple(cfg.calib.adaround_beta), warm_start=cfg.calib.adaround_warm_start)
+        report["adaround"] = {"layers": quant.adaround(model, inputs, example, settings,
+                                                       seed=cfg.seed),
+                              "seconds": time.perf_counter() - start}
+    if steps.bias_correction:
+        start = time.perf_counter()
+        report["bias_correction"] = {"layers": quant.correct_bias(model, inputs, example),
+                                     "seconds": time.perf_counter() - start}
+    _broadcast_state(model)
+    return report
+
+
+def _broadcast_state(model: nn.Module) -> None:
+    """Rank 0's weights and buffers for every rank (each rank ran the steps on its own
+    shard of the calib batches)."""
+    import torch.distributed as dist
+
+    from .distributed import world_size
+    if world_size() > 1:
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                    dist.broadcast(tensor, 0)
+
+
+def post_training(session: Session, float_model: nn.Module, loader: Iterable,
+                  calibration: Calibration, steps: Steps | None = None
+                  ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """``float_model`` quantized, calibrated with ``calibration`` and finished with ``steps``
+    (default: the config's): the PTQ model every script starts from. Also its activation
+    statistics, and what each step reports with the seconds it took."""
+    steps = Steps.configured(session.cfg.calib) if steps is None else steps
+    model, stats, seconds = quantized_copy_with_stats(session, float_model, loader,
+                                                      steps.equalize)
+    calibration.apply(model, stats)
+    report = finish_post_training(session, model, loader, steps)
+    report["statistics_seconds"] = seconds
+    return model, stats, report
 
 
 @dataclass(frozen=True)
@@ -304,6 +405,7 @@ def save_quantized(path: Path, model: nn.Module, cfg: Config, **info: Any) -> Pa
     return save_checkpoint({"kind": "quantized", "model": model.state_dict(),
                             "modelopt_state": quant.quant_state(model),
                             "graph": quant.graph_form(model),
+                            "folded": quant.folded_layers(model),
                             "target": cfg.export.target,
                             "config": config_to_dict(cfg), **info}, path)
 
@@ -338,7 +440,8 @@ def restore_checkpoint(session: Session, ckpt: dict[str, Any]) -> nn.Module:
         cfg = dataclasses.replace(cfg, model_path=ckpt.get("config", {}).get("model_path"))
     model = session.hooks.get_model(cfg)
     model = quant.restore_quantized(model, ckpt["modelopt_state"], ckpt["model"],
-                                    ckpt.get("graph")).to(session.device)
+                                    ckpt.get("graph"), ckpt.get("folded", ())
+                                    ).to(session.device)
     check_prediction(session, model)
     return model
 
@@ -361,7 +464,6 @@ def quantized_model(session: Session) -> tuple[nn.Module, str]:
     ``model_path`` itself may use a format of its own: a file this toolkit cannot read is then
     the hooks' float weights.
     """
-    from . import quant
 
     cfg = session.cfg
     ckpt = None
@@ -374,12 +476,14 @@ def quantized_model(session: Session) -> tuple[nn.Module, str]:
     if ckpt is not None and ckpt.get("kind") == "quantized":
         ckpt = check_quantized(ckpt, cfg.model_path, cfg.export.target)
         return restore_checkpoint(session, ckpt), f"quantized checkpoint {cfg.model_path}"
-    model, stats, _ = quantized_copy_with_stats(
-        session, build_model(session), session.hooks.get_data_loader(cfg, "calib"))
-    quant.apply_ranges(model, stats, cfg.calib.method, cfg.calib.percentile)
+    steps = Steps.configured(cfg.calib)
+    model, _, _ = post_training(session, build_model(session),
+                                session.hooks.get_data_loader(cfg, "calib"),
+                                Calibration(cfg.calib.method, cfg.calib.percentile), steps)
     origin = (f"float weights {cfg.model_path}" if cfg.model_path is not None
               else f"the model returned by {cfg.hooks}")
-    return model, f"{origin}, calibrated here with {cfg.calib.method}"
+    how = cfg.calib.method + (f" and {steps.name}" if steps.name else "")
+    return model, f"{origin}, calibrated here with {how}"
 
 
 def require_trained_model(hooks: Hooks, cfg: Config, purpose: str) -> None:

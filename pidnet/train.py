@@ -39,7 +39,7 @@ from .engine import build_scheduler, pick_metric, rng_state, set_rng_state, trai
 from .errors import CheckpointError, ConfigError
 from .hooks import Hooks
 from .pipeline import (Session, activation_stats, build_criterion, build_model, evaluate_model,
-                       example_input, pairs, quantized_copy_with_stats, require_trained_model,
+                       Calibration, example_input, pairs, post_training, require_trained_model,
                        start_session)
 from .reports import write_csv, write_json
 
@@ -90,18 +90,20 @@ def _prepare_qat(session: Session, model: nn.Module, mode: str, criterion: Calla
     lsq_batch = None
     if resume_ckpt is not None:
         model = quant.restore_quantized(model, resume_ckpt["modelopt_state"],
-                                        resume_ckpt["model"], resume_ckpt.get("graph"))
+                                        resume_ckpt["model"], resume_ckpt.get("graph"),
+                                        resume_ckpt.get("folded", ()))
         model = model.to(session.device)
         state.baselines = resume_ckpt["baselines"]
         state.range_ratios = resume_ckpt.get("range_ratios", {})
     else:
         state.baselines["float"] = metric_of(model)
         calib_loader = session.hooks.get_data_loader(cfg, "calib")
-        # the PTQ baseline is measured on a copy, so direct mode's model never sees its data
-        ptq, stats, _ = quantized_copy_with_stats(session, model, calib_loader)
-        quant.apply_ranges(ptq, stats, cfg.calib.method, cfg.calib.percentile)
+        # the PTQ baseline is measured on a copy, so direct mode's model never sees its data;
+        # calib and stats start from it (the config's post-training steps included)
+        ptq, stats, _ = post_training(session, model, calib_loader,
+                                      Calibration(cfg.calib.method, cfg.calib.percentile))
         state.baselines["ptq"] = {"method": cfg.calib.method, **metric_of(ptq)}
-        if mode == "calib":
+        if mode in ("calib", "stats"):
             model = ptq
         else:   # one forward pass reads the structure
             example = example_input(session, calib_loader)
@@ -353,7 +355,7 @@ def _save(out, model: nn.Module, mode: str, optimizer, scheduler, epoch: int, be
         from . import quant
         quant.mirror_learned_ranges(model)
         ckpt.update(kind="quantized", modelopt_state=quant.quant_state(model),
-                    graph=quant.graph_form(model),
+                    graph=quant.graph_form(model), folded=quant.folded_layers(model),
                     baselines=state.baselines, range_ratios=state.range_ratios)
     if improved:
         save_checkpoint(ckpt, out / "best.pt")

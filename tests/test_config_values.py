@@ -55,7 +55,8 @@ def _cases(key: str, bounds: Bounds) -> tuple[list, list]:
     return bad, good
 
 
-LIST_LENGTHS = {"export.input_size": 2, "calib.percentiles": 1}   # list keys: items each test
+# list keys: the items each test writes
+LIST_LENGTHS = {"export.input_size": 2, "calib.percentiles": 1, "calib.adaround_beta": 2}
 
 
 def _value(key: str, v: float) -> str:

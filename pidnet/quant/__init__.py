@@ -26,6 +26,7 @@ from .modules import (  # noqa: E402
     QuantReLU,
     activation_quantizers,
     execution_order,
+    folded_layers,
     graph_form,
     grid_bounds,
     has_range,
@@ -39,6 +40,7 @@ from .modules import (  # noqa: E402
     set_weight_ranges,
 )
 from .export import disable_all, export_onnx, fold_batch_norms  # noqa: E402
+from .ptq import AdaRoundSettings, adaround, correct_bias, equalize  # noqa: E402
 from .qat import (  # noqa: E402
     LearnedRangeQuantizer,
     RangeTracker,
@@ -58,7 +60,8 @@ from .stats import (  # noqa: E402
 )
 
 __all__ = [
-    "WEIGHT", "ActivationStats", "LearnedRangeQuantizer", "QuantAdd", "QuantBlend", "QuantReLU",
+    "WEIGHT", "ActivationStats", "AdaRoundSettings", "adaround", "correct_bias", "equalize",
+    "folded_layers", "LearnedRangeQuantizer", "QuantAdd", "QuantBlend", "QuantReLU",
     "RangeTracker", "activation_quantizers", "apply_ranges", "collect_stats", "disable_all",
     "exact_histogram", "execution_order", "export_onnx", "graph_form", "grid_bounds",
     "fold_batch_norms", "has_range",

@@ -250,6 +250,7 @@ def insert_quantizers(model: nn.Module, qcfg: QuantConfig, target: str = "tensor
 
 
 TRACED = "traced"   # a checkpoint's ``graph`` when its model was rewritten by ``graph.rewrite``
+FOLDED = "_pidnet_folded"   # attribute: the (conv, batch norm) pairs ``ptq.equalize`` folded
 
 
 def is_traced(model: nn.Module) -> bool:
@@ -268,6 +269,8 @@ def _traced(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
     traced, info = graph.rewrite(model, tuple(original for original, _ in _TWINS))
     if isinstance(traced, fx.GraphModule) and "error" not in info:
         traced.meta[TRACED] = info
+        if hasattr(model, FOLDED):
+            setattr(traced, FOLDED, getattr(model, FOLDED))
     return traced, info
 
 
@@ -323,7 +326,8 @@ def _refuse_per_tensor_folding(model: nn.Module, flow: Dataflow, qcfg: QuantConf
         raise ConfigError(f"config key 'quant.per_channel': per-tensor weights cannot deploy as "
                           f"calibrated here: export folds batch norm into {len(pairs)} "
                           f"convolutions (e.g. {bn} into {conv}), which changes each output "
-                          "channel's scale; keep quant.per_channel=true")
+                          "channel's scale; keep quant.per_channel=true, or set "
+                          "calib.equalize=true, which folds them before quantizing")
 
 
 # input quantizers by the position of the argument they quantize
@@ -471,13 +475,41 @@ def quant_state(model: nn.Module) -> dict[str, Any]:
     return mto.modelopt_state(model)
 
 
+def folded_layers(model: nn.Module) -> list[list[str]]:
+    """The (layer, batch norm) pairs folded by ``equalize``: a checkpoint records them, and
+    ``restore_folded`` repeats the folding's structure before its weights are loaded."""
+    return [list(p) for p in getattr(model, FOLDED, [])]
+
+
+def restore_folded(model: nn.Module, pairs: Iterable[Iterable[str]]) -> nn.Module:
+    """The structure of a model whose batch norms were folded: each folded batch norm is an
+    ``Identity`` and its convolution has a bias (its values come from the state dict)."""
+    done = []
+    for conv_name, bn_name in pairs:
+        conv = model.get_submodule(conv_name)
+        if conv.bias is None:
+            conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device))
+        parent, _, child = bn_name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+        done.append([conv_name, bn_name])
+    if done:
+        setattr(model, FOLDED, done)
+    return model
+
+
 def restore_quantized(model: nn.Module, modelopt_state: dict[str, Any],
-                      state_dict: dict[str, torch.Tensor], graph_form: str | None = None
-                      ) -> nn.Module:
+                      state_dict: dict[str, torch.Tensor], graph_form: str | None = None,
+                      folded: Iterable[Iterable[str]] = ()) -> nn.Module:
     """Re-create the quantizers of a saved model on the float ``model`` and load its weights
     and ranges; ``graph_form`` the checkpoint's ``graph`` (``TRACED``: the float model is
-    rewritten as it was before quantizers went in). A checkpoint of another architecture is a
+    rewritten as it was before quantizers went in), ``folded`` its ``folded`` (the batch norms
+    equalization folded, ``folded_layers``). A checkpoint of another architecture is a
     ``CheckpointError``."""
+    try:
+        model = restore_folded(model, folded)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"the quantized checkpoint's folded batch norms do not fit this "
+                              f"model ({exc})") from None
     if graph_form == TRACED:
         model, info = _traced(model)
         if "error" in info:
