@@ -123,6 +123,18 @@ def collect() -> dict[str, Any]:
                 f"{control['gain_over_float']:+.2f} ({control['mean']:.2f} ± "
                 f"{control['std']:.2f} vs {plateau['float']:.2f})", "<= +0.3",
                 control["gain_over_float"] <= 0.3, plateau["command"], "float_plateau.json")
+    steps = _load("ptq_steps")
+    if steps:
+        cmd = steps["command"]
+        for name, goal in steps["goals"].items():
+            if name == "adaround_minutes":
+                figures["adaround_minutes_pidnet_s"] = _figure(
+                    round(goal["minutes"], 1), f"<= {goal['goal']:g}", goal["met"], cmd,
+                    "ptq_steps.json")
+            else:
+                figures[f"ptq_{name}"] = _figure(
+                    f"{goal[steps['split']]:.2f} (margin {goal['margin']:+.2f})",
+                    name.replace("_", " "), goal["met"], cmd, "ptq_steps.json")
     other = _load("any_model_speed")
     if other:
         speed, cmd = other["latency"]["speedup_over_float"], other["command"]
@@ -146,7 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", default="runs/float/best.pt")
     parser.add_argument("--only", nargs="*", default=None,
-                        choices=["calib_speed", "float_plateau", "qat_modes",
+                        choices=["calib_speed", "float_plateau", "qat_modes", "ptq_steps",
                                  "sensitivity_cost", "export_speed", "any_model_speed"])
     parser.add_argument("--collect-only", action="store_true")
     args = parser.parse_args()
@@ -158,6 +170,7 @@ def main() -> None:
         runs = {"calib_speed": ["--weights", args.weights],
                 "float_plateau": ["--weights", args.weights],
                 "qat_modes": ["--float-weights", args.weights],
+                "ptq_steps": ["--weights", args.weights],
                 "sensitivity_cost": ["--weights", args.weights],
                 "export_speed": ["--weights", args.weights],
                 "any_model_speed": []}
