@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> None:
 
     table = []
     for setting, done in results.items():
-        table.append({"setting": setting, "rows": f"{done['range_method']} (ranges only)",
+        first = ("per-channel weights, ranges only" if setting == "w8a8_per_tensor"
+                 else "ranges only")
+        table.append({"setting": setting, "rows": f"{done['range_method']} ({first})",
                       "val": done["ranges"]["val"], split: done["ranges"][split],
                       "seconds": ""})
         for row in done["rows"].values():

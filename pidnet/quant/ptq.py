@@ -206,19 +206,23 @@ def correct_bias(model: nn.Module, inputs: list[Any], example: Any) -> dict[str,
     bn_of = dict(conv_batch_norm_pairs(model, trace_dataflow(model, example,
                                                               skip=TensorQuantizer)))
     layers = weight_layers(model, example)
-    sums: dict[str, list] = {n: [0.0, 0] for n in layers}
+    sums: dict[str, list] = {n: [0.0, 0, -1] for n in layers}   # sum, count, last batch
+    index = [0]
 
     def accumulate(name: str) -> Callable:
         def hook(_m: nn.Module, _a: tuple, output: torch.Tensor) -> None:
+            if sums[name][2] == index[0]:   # a layer called twice: its first call, as below
+                return
             total, count = _channel_means(output, modules[name])
             sums[name][0] = sums[name][0] + total
             sums[name][1] += count
+            sums[name][2] = index[0]
         return hook
 
     handles = [modules[n].register_forward_hook(accumulate(n)) for n in layers]
     try:
         with _quantizers_off(model):
-            for batch in inputs:
+            for index[0], batch in enumerate(inputs):
                 call_model(model, batch)
     finally:
         for h in handles:
@@ -324,8 +328,12 @@ def _float_targets(model: nn.Module, layers: list[str], inputs: list[Any], sampl
     picks: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     found: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
 
+    index = [0]
+
     def hook(name: str) -> Callable:
         def grab(_m: nn.Module, _a: tuple, output: torch.Tensor) -> None:
+            if len(picks[name]) > index[0]:   # a layer called twice: its first call
+                return
             flat = (output.reshape(-1, output.shape[-1]) if isinstance(modules[name], nn.Linear)
                     else output.permute(0, 2, 3, 1).reshape(-1, output.shape[1]))
             pick = torch.randperm(flat.shape[0], generator=generator)[:share]
@@ -336,7 +344,7 @@ def _float_targets(model: nn.Module, layers: list[str], inputs: list[Any], sampl
     handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
     try:
         with _quantizers_off(model):
-            for batch in inputs:
+            for index[0], batch in enumerate(inputs):
                 call_model(model, batch)
     finally:
         for h in handles:
