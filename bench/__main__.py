@@ -44,7 +44,9 @@ def collect() -> dict[str, Any]:
     qat = _load("qat_modes")
     if qat:
         s = qat["summary"]
-        cmd = f"python -m bench.qat_modes --float-weights {s['weights']}"
+        settings = sorted({r["setting"] for r in qat["rows"] if r["setting"] != "-"})
+        cmd = f"python -m bench.qat_modes --float-weights {s['weights']}" + (
+            f" --settings {' '.join(settings)}" if len(settings) < 3 else "")
         for row in qat["rows"]:
             name = f"{row['setting']}_{row['run']}".replace(" *", "").replace(" ", "_")
             value = (round(row["mean"], 2) if row["n"] == 1
