@@ -123,7 +123,7 @@ def _qat_calib(qat_path: Path, setting: str) -> dict[str, Any] | None:
     if not qat_path.exists():
         return None
     rows = json.loads(qat_path.read_text())["rows"]
-    found = [r for r in rows if r["setting"] == setting and r["run"] == "calib"]
+    found = [r for r in rows if r["setting"] == setting and r["run"] == "qat calib"]
     return {"mean": found[0]["mean"], "std": found[0]["std"], "n": found[0]["n"]} if found \
         else None
 
