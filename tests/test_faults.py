@@ -22,7 +22,8 @@ from pidnet.errors import NonFiniteError
 from pidnet.train import main as train_main
 
 from .fixtures.tiny_hooks import TinySegNet
-from .helpers import ROOT, TINY_HOOKS, TINY_NET_USER, run_script, script_env, tiny_config
+from .helpers import (ROOT, TINY_HOOKS, TINY_NET_USER, TINY_USER, run_script, script_env,
+                      tiny_config)
 
 
 def _one_line(err: str, prefix: str = "error: ") -> str:
@@ -187,7 +188,10 @@ def test_sigterm_stops_with_one_line_and_its_command_resumes_to_the_same_weights
 
 
 def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(tmp_path):
-    cfg = tiny_config(tmp_path, train={"epochs": 3, "lr": 0.01, "log_interval": 0})
+    # an epoch of 400 scenes: the signal lands long before its end, however fast the machine
+    # (8 scenes took the whole run past its checkpoints before the signal arrived)
+    cfg = tiny_config(tmp_path, train={"epochs": 3, "lr": 0.01, "log_interval": 0},
+                      user={**TINY_USER, "train_images": 400})
     proc = _start("qat_train.py", "--mode", "float", "--config", str(cfg))
     _wait_for(tmp_path / "run" / "config.yaml", proc)
     proc.send_signal(signal.SIGINT)
