@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -56,11 +57,20 @@ def script_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return {**(env or os.environ), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
 
 
+def interruptible() -> None:
+    """In a child before it starts: SIGINT delivered and left to Python's own handler. An
+    ignored or blocked SIGINT survives exec, and a child of a suite that inherited one (a
+    background job, or a library in the suite's process) never raises KeyboardInterrupt: in
+    the full suite a test that sends SIGINT saw it vanish, where the same test alone passed."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_script(script: str, *args: str) -> subprocess.Popen:
     """``script`` started in the background, silent, in ``script_env``: a run to interrupt."""
     return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=ROOT,
                             env=script_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, preexec_fn=interruptible)
 
 
 def run_script(script: str, *args: str, timeout: float = 300,
