@@ -183,13 +183,44 @@ def _run_until(model: nn.Module, layer: nn.Module, inputs: Iterable[Any],
         handle.remove()
 
 
+def _output_rows(layer: nn.Module, output: torch.Tensor) -> torch.Tensor:
+    """A layer's output as (position, channel): channels last for a linear layer, second
+    otherwise."""
+    if isinstance(layer, nn.Linear):
+        return output.reshape(-1, output.shape[-1])
+    return output.movedim(1, -1).reshape(-1, output.shape[1])
+
+
 def _channel_means(output: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, int]:
     """Sum over every position of each output channel, and the count."""
-    if isinstance(layer, nn.Linear):
-        flat = output.reshape(-1, output.shape[-1])
-    else:
-        flat = output.transpose(0, 1).reshape(output.shape[1], -1).T
+    flat = _output_rows(layer, output)
     return flat.double().sum(0), flat.shape[0]
+
+
+def _float_pass(model: nn.Module, layers: list[str], inputs: list[Any],
+                on_output: Callable[[str, torch.Tensor], None]) -> None:
+    """Run ``inputs`` through ``model`` with every quantizer off (the float model), calling
+    ``on_output(name, output)`` once per batch for each of ``layers``: a layer called twice is
+    seen at its first call, as ``_run_until`` sees it in the quantized model."""
+    modules = dict(model.named_modules())
+    seen: set[str] = set()
+
+    def hook(name: str) -> Callable:
+        def grab(_m: nn.Module, _a: tuple, output: torch.Tensor) -> None:
+            if name not in seen:
+                seen.add(name)
+                on_output(name, output)
+        return grab
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
+    try:
+        with _quantizers_off(model):
+            for batch in inputs:
+                seen.clear()
+                call_model(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # --------------------------------------------------------------------------- bias correction
@@ -206,27 +237,14 @@ def correct_bias(model: nn.Module, inputs: list[Any], example: Any) -> dict[str,
     bn_of = dict(conv_batch_norm_pairs(model, trace_dataflow(model, example,
                                                               skip=TensorQuantizer)))
     layers = weight_layers(model, example)
-    sums: dict[str, list] = {n: [0.0, 0, -1] for n in layers}   # sum, count, last batch
-    index = [0]
+    sums: dict[str, list] = {n: [0.0, 0] for n in layers}
 
-    def accumulate(name: str) -> Callable:
-        def hook(_m: nn.Module, _a: tuple, output: torch.Tensor) -> None:
-            if sums[name][2] == index[0]:   # a layer called twice: its first call, as below
-                return
-            total, count = _channel_means(output, modules[name])
-            sums[name][0] = sums[name][0] + total
-            sums[name][1] += count
-            sums[name][2] = index[0]
-        return hook
+    def accumulate(name: str, output: torch.Tensor) -> None:
+        total, count = _channel_means(output, modules[name])
+        sums[name][0] = sums[name][0] + total
+        sums[name][1] += count
 
-    handles = [modules[n].register_forward_hook(accumulate(n)) for n in layers]
-    try:
-        with _quantizers_off(model):
-            for index[0], batch in enumerate(inputs):
-                call_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    _float_pass(model, layers, inputs, accumulate)
     float_means = {n: s[0] / max(s[1], 1) for n, s in sums.items()}
     shifts: dict[str, float] = {}
     skipped = []
@@ -328,27 +346,13 @@ def _float_targets(model: nn.Module, layers: list[str], inputs: list[Any], sampl
     picks: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
     found: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
 
-    index = [0]
+    def grab(name: str, output: torch.Tensor) -> None:
+        flat = _output_rows(modules[name], output)
+        pick = torch.randperm(flat.shape[0], generator=generator)[:share]
+        picks[name].append(pick)
+        found[name].append(flat[pick.to(flat.device)].float())
 
-    def hook(name: str) -> Callable:
-        def grab(_m: nn.Module, _a: tuple, output: torch.Tensor) -> None:
-            if len(picks[name]) > index[0]:   # a layer called twice: its first call
-                return
-            flat = (output.reshape(-1, output.shape[-1]) if isinstance(modules[name], nn.Linear)
-                    else output.permute(0, 2, 3, 1).reshape(-1, output.shape[1]))
-            pick = torch.randperm(flat.shape[0], generator=generator)[:share]
-            picks[name].append(pick)
-            found[name].append(flat[pick.to(flat.device)].float())
-        return grab
-
-    handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
-    try:
-        with _quantizers_off(model):
-            for index[0], batch in enumerate(inputs):
-                call_model(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    _float_pass(model, layers, inputs, grab)
     return picks, {n: torch.cat(v) for n, v in found.items()}
 
 
