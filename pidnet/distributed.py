@@ -58,3 +58,11 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_from_main(tensors: list[torch.Tensor]) -> None:
+    """Rank 0's values of ``tensors``, in place, on every rank (a no-op in one process)."""
+    if world_size() > 1:
+        with torch.no_grad():
+            for t in tensors:
+                dist.broadcast(t, 0)

@@ -20,7 +20,7 @@ from .atomic import remove_temporaries
 from .batches import Pairs, call_model
 from .checkpoint import extract_state_dict, load_weights, read_checkpoint, save_checkpoint
 from .config import CalibConfig, Config, config_to_dict, load_config, save_config
-from .distributed import init_from_env, is_main, rank
+from .distributed import broadcast_from_main, init_from_env, is_main, rank
 from .engine import mean_loss, resolve_device, rng_preserved, seed_everything, to_device
 from .errors import CheckpointError, DataError, InputError, OutputError
 from .finite import describe_nonfinite, finite_outputs, nonfinite_tensors
@@ -317,21 +317,9 @@ def finish_post_training(session: Session, model: nn.Module, loader: Iterable,
         start = time.perf_counter()
         report["bias_correction"] = {"layers": quant.correct_bias(model, inputs, example),
                                      "seconds": time.perf_counter() - start}
-    _broadcast_state(model)
+    # each rank ran the steps on its own shard of the calib batches: rank 0's result for all
+    broadcast_from_main([t for t in model.state_dict().values() if t.is_floating_point()])
     return report
-
-
-def _broadcast_state(model: nn.Module) -> None:
-    """Rank 0's weights and buffers for every rank (each rank ran the steps on its own
-    shard of the calib batches)."""
-    import torch.distributed as dist
-
-    from .distributed import world_size
-    if world_size() > 1:
-        with torch.no_grad():
-            for tensor in model.state_dict().values():
-                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
-                    dist.broadcast(tensor, 0)
 
 
 def post_training(session: Session, float_model: nn.Module, loader: Iterable,

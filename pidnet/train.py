@@ -34,7 +34,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from .checkpoint import read_checkpoint, save_checkpoint
 from .cli import base_parser, run_cli
 from .config import Config, config_to_dict
-from .distributed import barrier, is_main, shutdown, world_size
+from .distributed import barrier, broadcast_from_main, is_main, shutdown, world_size
 from .engine import build_scheduler, pick_metric, rng_state, set_rng_state, train_one_epoch
 from .errors import CheckpointError, ConfigError
 from .hooks import Hooks
@@ -121,7 +121,7 @@ def _prepare_qat(session: Session, model: nn.Module, mode: str, criterion: Calla
             activations=mode == "direct", weights=cfg.qat.learn_weight_ranges)
     if lsq_batch is not None:
         quant.start_learned_ranges(model, lsq_batch)
-        _broadcast(state.range_params)
+        broadcast_from_main(state.range_params)   # started from each rank's own batch
     if resume_ckpt is None:   # the untrained quantized model this mode starts from
         state.baselines["start"] = (state.baselines["ptq"] if mode == "calib"
                                     else metric_of(model))
@@ -166,14 +166,6 @@ def _recalibrate(session: Session, model: nn.Module) -> None:
     quant.apply_ranges(model, stats, cfg.qat.stats_range, cfg.calib.percentile)
     logger.info("stats: ranges recalibrated (%s) on the trained network as they freeze",
                 cfg.qat.stats_range)
-
-
-def _broadcast(params: list[nn.Parameter]) -> None:
-    """Rank 0's values for every rank (ranges started from each rank's own batch)."""
-    if world_size() > 1:
-        with torch.no_grad():
-            for p in params:
-                dist.broadcast(p, 0)
 
 
 def _sync_range_grads(params: list[nn.Parameter]) -> Callable[[], None] | None:
