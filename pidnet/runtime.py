@@ -114,7 +114,11 @@ def paired_latency(paths: dict[str, str | Path], shape: tuple[int, ...], threads
     machine noise hits them alike.
 
     Graphs take turns in blocks of ``settle`` untimed and ``block`` timed back-to-back runs
-    (the order reversed every round), about ``runs`` timed runs each. Switching sessions costs
+    (the order rotated by one every round, so each graph takes each place equally often and,
+    with three or more, always follows another graph; reversing it let the first and last
+    follow themselves across rounds and never the middle one, which measured 2-3% slower for
+    it), about ``runs`` timed runs each.
+    Switching sessions costs
     the next runs (caches refilled, the other session's worker threads still spinning): run by
     run, PIDNet-S at 128x256 timed 17-27 ms float and 9-14 ms INT8, against 6.9 and 3.5 ms
     back to back, which is how a deployed model runs."""
@@ -126,7 +130,7 @@ def paired_latency(paths: dict[str, str | Path], shape: tuple[int, ...], threads
     times: dict[str, list[float]] = {k: [] for k in names}
     for i in range(1 + -(-runs // block)):          # round 0 warms every session up
         medians = {}
-        for name in names if i % 2 else names[::-1]:
+        for name in names[i % len(names):] + names[:i % len(names)]:
             timed = []
             for j in range(settle + block):
                 start = time.perf_counter()
@@ -228,7 +232,8 @@ def _per_channel_affine(node: Any, index: _GraphIndex, channels: dict[str, int]
                         ) -> tuple[str, np.ndarray, np.ndarray] | None:
     """(input, a, b) when ``node`` computes ``a * x + b`` per channel of its one non-constant
     input x, an image batch (``channels`` holds those), with constant a and b: an inference
-    batch norm, or ``c - x`` for a scalar c."""
+    batch norm, ``c - x`` for a scalar c, or a hard sigmoid ``clip(alpha * x + beta, 0, 1)``
+    whose clip its output quantizers make anyway (see ``_clipped_to_unit_by_output``)."""
     if node.op_type == "BatchNormalization" and node.input[0] in channels:
         params = [index.constant(name) for name in node.input[1:5]]
         if any(p is None for p in params):
@@ -237,6 +242,12 @@ def _per_channel_affine(node: Any, index: _GraphIndex, channels: dict[str, int]
         eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
         scale = gamma / np.sqrt(var + eps)
         return node.input[0], scale, beta - mean * scale
+    if node.op_type == "HardSigmoid" and node.input[0] in channels and \
+            _clipped_to_unit_by_output(node, index):
+        attrs = {a.name: a.f for a in node.attribute}
+        n = channels[node.input[0]]
+        return (node.input[0], np.full(n, attrs.get("alpha", 0.2)),
+                np.full(n, attrs.get("beta", 0.5)))
     if node.op_type == "Sub" and node.input[1] in channels:
         c = index.constant(node.input[0])
         if c is None or c.size != 1:
@@ -244,6 +255,22 @@ def _per_channel_affine(node: Any, index: _GraphIndex, channels: dict[str, int]
         n = channels[node.input[1]]
         return node.input[1], -np.ones(n), np.full(n, float(c.item()))
     return None
+
+
+def _clipped_to_unit_by_output(node: Any, index: _GraphIndex) -> bool:
+    """Every reader of the node's output is a per-tensor QuantizeLinear to uint8 with zero
+    point 0 and a largest value of at most 1: its saturation clips to [0, amax] within
+    [0, 1], so ``q(clip(y, 0, 1)) == q(y)`` for every y and the clip may go. The squeeze-excite
+    and hardswish gates, quantized unsigned, meet it."""
+    readers = index.readers[node.output[0]]
+    for q in readers:
+        if q.op_type != "QuantizeLinear" or len(q.input) < 3:
+            return False
+        scale, zero = index.constant(q.input[1]), index.constant(q.input[2])
+        if scale is None or zero is None or scale.size != 1 or zero.size != 1 or \
+                zero.dtype != np.uint8 or zero.item() != 0 or 255 * scale.item() > 1 + 1e-6:
+            return False
+    return bool(readers)
 
 
 def _quantized_output(node: Any, index: _GraphIndex) -> bool:
@@ -259,9 +286,11 @@ def affine_ops_to_depthwise(path: str | Path) -> int:
     QuantizeLinear (optionally through a Relu) as a 1x1 depthwise convolution with int8
     weights and an int32 bias, in place; returns how many. These are the batch norms that
     follow no convolution (PIDNet's pre-activation BN-ReLU-conv in the PAPPM and the head)
-    and the complements ``1 - gate``: onnxruntime has no integer kernel for them, so they ran
-    as DequantizeLinear, a float op and QuantizeLinear; as a convolution they fuse into one
-    QLinearConv.
+    the complements ``1 - gate``, and the hard sigmoids of squeeze-excite blocks and
+    hardswish (MobileNetV3) whose unsigned output quantizer does their clip: onnxruntime has
+    no integer kernel for them, so they ran as DequantizeLinear, a float op and
+    QuantizeLinear (its own ``quantize_static`` leaves them so); as a convolution they fuse
+    into one QLinearConv.
 
     The weights are exact: one weight per channel, quantized per channel, is +-127 at scale
     |a| / 127. The bias is quantized at input scale x weight scale, as onnxruntime's own

@@ -272,8 +272,10 @@ def _save_graph(path, nodes, inputs, outputs, inits):
 
 def _affine_island_graph(path, shape=(1, 4, 8, 8)):
     """input -> Q/DQ -> BatchNormalization -> Relu -> Q/DQ -> out_bn, and the same DQ ->
-    1 - x -> Q/DQ -> out_complement, and a BatchNormalization read in float -> out_float:
-    the float islands onnxruntime runs as DequantizeLinear, a float op, QuantizeLinear."""
+    1 - x -> Q/DQ -> out_complement, -> HardSigmoid -> unsigned Q/DQ in [0, 1] -> out_gate,
+    and two left float: a BatchNormalization read in float -> out_float, a HardSigmoid whose
+    output quantizer is signed (it cannot clip at 0) -> out_signed_gate. The float islands
+    onnxruntime runs as DequantizeLinear, a float op, QuantizeLinear."""
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(0)
@@ -284,7 +286,7 @@ def _affine_island_graph(path, shape=(1, 4, 8, 8)):
              "mean": rng.normal(size=channels).astype(np.float32),
              "var": rng.uniform(0.5, 2.0, channels).astype(np.float32),
              "y_scale": np.float32(0.03), "y_zero": np.uint8(0), "c_zero": np.uint8(128),
-             "one": np.float32(1.0)}
+             "one": np.float32(1.0), "g_scale": np.float32(0.00391), "g_zero": np.uint8(0)}
     nodes = [helper.make_node("QuantizeLinear", ["input", "x_scale", "x_zero"], ["xq"]),
              helper.make_node("DequantizeLinear", ["xq", "x_scale", "x_zero"], ["x"]),
              helper.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"],
@@ -297,32 +299,42 @@ def _affine_island_graph(path, shape=(1, 4, 8, 8)):
              helper.make_node("DequantizeLinear", ["cq", "x_scale", "c_zero"],
                               ["out_complement"]),
              helper.make_node("BatchNormalization", ["x", "gamma", "beta", "mean", "var"],
-                              ["out_float"], name="bn_read_in_float")]
+                              ["out_float"], name="bn_read_in_float"),
+             helper.make_node("HardSigmoid", ["x"], ["gate"], alpha=1 / 6, beta=0.5),
+             helper.make_node("QuantizeLinear", ["gate", "g_scale", "g_zero"], ["gq"]),
+             helper.make_node("DequantizeLinear", ["gq", "g_scale", "g_zero"], ["out_gate"]),
+             helper.make_node("HardSigmoid", ["x"], ["signed"], name="signed_gate"),
+             helper.make_node("QuantizeLinear", ["signed", "x_scale", "c_zero"], ["sq"]),
+             helper.make_node("DequantizeLinear", ["sq", "x_scale", "c_zero"],
+                              ["out_signed_gate"])]
     outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape)
-               for n in ("out_bn", "out_complement", "out_float")]
+               for n in ("out_bn", "out_complement", "out_float", "out_gate", "out_signed_gate")]
     _save_graph(path, nodes, [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
                 outputs, inits)
     return inits
 
 
 def test_affine_float_islands_become_exact_integer_depthwise_convolutions(tmp_path):
-    """A batch norm after no convolution (through a ReLU) and ``1 - x``, each between a
-    DequantizeLinear and a QuantizeLinear, become 1x1 depthwise convolutions with int8 weights
-    of +-127 (the per-channel factor exactly) that onnxruntime fuses into QLinearConv; their
-    quantized outputs equal the float islands' to one step. A batch norm read in float stays."""
+    """A batch norm after no convolution (through a ReLU), ``1 - x`` and a hard sigmoid whose
+    unsigned [0, 1] output quantizer clips it, each between a DequantizeLinear and a
+    QuantizeLinear, become 1x1 depthwise convolutions with int8 weights of +-127 (the
+    per-channel factor exactly) that onnxruntime fuses into QLinearConv; their quantized
+    outputs equal the float islands' to one step. A batch norm read in float and a hard
+    sigmoid with a signed output quantizer stay."""
     import onnxruntime as ort
 
     path, original = tmp_path / "islands.onnx", tmp_path / "original.onnx"
     inits = _affine_island_graph(path)
     _affine_island_graph(original)
-    assert runtime.affine_ops_to_depthwise(path) == 2
+    assert runtime.affine_ops_to_depthwise(path) == 3
     graph = Graph(path)
     assert [n.name for n in graph.ops("BatchNormalization")] == ["bn_read_in_float"]
+    assert [n.name for n in graph.ops("HardSigmoid")] == ["signed_gate"]
     assert not graph.ops("Sub")
     convs = graph.ops("Conv")
-    assert len(convs) == 2
+    assert len(convs) == 3
     scale = inits["gamma"] / np.sqrt(inits["var"] + 1e-5)
-    for conv, factor in zip(convs, (scale, -np.ones(4))):
+    for conv, factor in zip(convs, (scale, -np.ones(4), np.full(4, 1 / 6))):
         assert {a.name: a.i for a in conv.attribute}["group"] == 4
         weight_dq = graph.producer[conv.input[1]]
         q = graph.constant(weight_dq.input[0]).ravel()
@@ -331,7 +343,7 @@ def test_affine_float_islands_become_exact_integer_depthwise_convolutions(tmp_pa
         np.testing.assert_allclose(w, factor, rtol=1e-6)
         assert graph.constant(graph.producer[conv.input[2]].input[0]).dtype == np.int32
     ops = runtime.optimized_ops(path, 1)
-    assert ops["integer"] == {"QLinearConv": 2} and ops["integer_convs"] == 2
+    assert ops["integer"] == {"QLinearConv": 3} and ops["integer_convs"] == 3
     flat = tmp_path / "flat.onnx"             # (N, C) tensors: no 1x1 convolution fits them
     _affine_island_graph(flat, shape=(1, 4))
     assert runtime.affine_ops_to_depthwise(flat) == 0
@@ -340,8 +352,8 @@ def test_affine_float_islands_become_exact_integer_depthwise_convolutions(tmp_pa
     reference = runtime.session(original, 1, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     want = reference.run(None, {"input": x.numpy()})
     got = runtime.session(path, 1).run(None, {"input": x.numpy()})
-    for name, w, g, step in zip(("bn", "complement", "float"), want, got,
-                                (inits["y_scale"], inits["x_scale"], 0)):
+    for name, w, g, step in zip(("bn", "complement", "float", "gate", "signed gate"), want, got,
+                                (inits["y_scale"], inits["x_scale"], 0, inits["g_scale"], 0)):
         assert np.abs(g - w).max() <= step + 1e-5, name
         assert (g == w).mean() >= 0.99, name
 
