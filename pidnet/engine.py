@@ -151,6 +151,39 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: Callable[[Any
     return {"loss": total / count, "seconds": time.perf_counter() - start}
 
 
+class _Forward(nn.Module):
+    """``model`` called as the hooks' batches call it (a tensor, tuple or dict of inputs)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: Any) -> Any:
+        return call_model(self.model, inputs)
+
+
+def recompute_batch_norm(model: nn.Module, loader: Iterable, device: torch.device) -> int:
+    """Set every batch norm's running statistics to the average over one pass of ``loader``
+    (``(inputs, targets)`` pairs) of the batch means and variances it normalizes with in
+    training: torch's ``swa_utils.update_bn`` (no gradients, the weights untouched), for inputs
+    of any form. Under torchrun each rank passes over its shard and the ranks' averages are
+    averaged. Returns how many batch norms; the model's mode is kept."""
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    batches = ([to_device(inputs, device)] for inputs, _ in progress_bar(loader, "batch norm"))
+    training = model.training
+    torch.optim.swa_utils.update_bn(batches, _Forward(model))
+    model.train(training)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for m in norms:
+            for buffer in (m.running_mean, m.running_var):
+                dist.all_reduce(buffer)
+                buffer /= dist.get_world_size()
+    return len(norms)
+
+
 @torch.no_grad()
 def mean_loss(model: nn.Module, loader: Iterable, criterion: Callable[[Any, Any], Any],
               device: torch.device) -> dict[str, float]:

@@ -35,7 +35,8 @@ from .checkpoint import read_checkpoint, save_checkpoint
 from .cli import base_parser, run_cli
 from .config import Config, config_to_dict
 from .distributed import barrier, broadcast_from_main, is_main, shutdown, world_size
-from .engine import build_scheduler, pick_metric, rng_state, set_rng_state, train_one_epoch
+from .engine import (build_scheduler, pick_metric, recompute_batch_norm, rng_state,
+                     set_rng_state, train_one_epoch)
 from .errors import CheckpointError, ConfigError
 from .hooks import Hooks
 from .pipeline import (Session, activation_stats, build_criterion, build_model, evaluate_model,
@@ -63,7 +64,8 @@ def qat_view(cfg: Config) -> Config:
     """The config as the training loop and hooks see it in a QAT mode: ``qat.*`` as ``train.*``."""
     train = dataclasses.replace(cfg.train, epochs=cfg.qat.epochs, lr=cfg.qat.lr,
                                 schedule=cfg.qat.schedule, log_interval=cfg.qat.log_interval,
-                                freeze_bn_epochs=cfg.qat.freeze_bn_epochs, ema_decay=0.0)
+                                freeze_bn_epochs=cfg.qat.freeze_bn_epochs, ema_decay=0.0,
+                                precise_bn=False)
     return dataclasses.replace(cfg, train=train)
 
 
@@ -210,6 +212,10 @@ def _train(args: argparse.Namespace) -> None:
         started = (Path(cfg.output_dir) / "last.pt").exists()
         if args.mode != "float" and not (args.resume and started):
             require_trained_model(hooks, cfg, f"--mode {args.mode}")
+        if args.mode == "float" and cfg.train.precise_bn and not cfg.train.freeze_bn_epochs:
+            raise ConfigError("config key 'train.precise_bn' sets the batch-norm statistics "
+                              "when they freeze, and 'train.freeze_bn_epochs' is 0: set it to "
+                              "the last epochs to train with them frozen, or precise_bn=false")
         if args.mode in ("stats", "direct") and cfg.qat.freeze_ranges_epochs >= cfg.qat.epochs:
             what = "track" if args.mode == "stats" else "learn"
             frozen = cfg.qat.freeze_ranges_epochs
@@ -291,6 +297,10 @@ def _run(session: Session, args: argparse.Namespace) -> None:
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):   # DistributedSampler: a new shuffle every epoch
             sampler.set_epoch(epoch)
+        if run_cfg.train.precise_bn and epoch == epochs - run_cfg.train.freeze_bn_epochs:
+            n = recompute_batch_norm(model, pairs(session, train_loader), session.device)
+            logger.info("batch norm frozen from epoch %d: %d statistics set from one pass "
+                        "over the train split", epoch + 1, n)
         stats = train_one_epoch(net, pairs(session, train_loader), criterion, optimizer,
                                 session.device, epoch,
                                 scheduler, run_cfg.train.log_interval,
