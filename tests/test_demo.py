@@ -89,6 +89,17 @@ def test_demo_runs_every_stage_and_reports_what_the_files_hold(tmp_path, capsys,
     assert "val miou per epoch (float/results.json): " + ", ".join(
         f"{v:.2f}" for v in float_curve) in report
     assert (runs / "sensitivity" / "sensitivity.png").exists()
+    # the sweep measures the float model at 4-bit weights, from the calibration PTQ chose; the
+    # export takes the best quantized model, not the sweep's 4-bit selection
+    swept = load_config(runs / "sensitivity" / "config.yaml")
+    assert (swept.quant.weight_bits, swept.quant.act_bits) == (4, 8)
+    assert swept.model_path == str(runs / "float" / "best.pt")
+    assert swept.calib.method == chosen["calib.method"]
+    sens = json.loads((runs / "sensitivity" / "results.json").read_text())
+    assert (f"at W4A8 (PTQ miou {sens['baseline']['quantized']:.2f} against float "
+            f"{sens['baseline']['float']:.2f} on 1 val batches)") in report
+    exported = load_config(runs / "export" / "config.yaml").model_path
+    assert exported.startswith(str(runs)) and "sensitivity" not in exported
 
     # a rerun after the sweep and the export lost their results: the sweep resumes from its
     # rows (no --force), the export runs again, the report is the same
