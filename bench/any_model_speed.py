@@ -38,7 +38,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, nargs=2, default=[256, 512])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=40)
+    parser.add_argument("--runs", type=int, default=300, help="timed runs per graph: a run "
+                        "takes about 10 ms, where machine noise moves single blocks by 30%%")
     parser.add_argument("--out-dir", default="runs/bench_any_model")
     parser.add_argument("--json", default=str(ROOT / "bench/results/any_model_speed.json"))
     args = parser.parse_args()

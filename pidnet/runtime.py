@@ -107,7 +107,7 @@ def optimized_ops(path: str | Path, threads: int) -> dict[str, Any]:
 
 
 def paired_latency(paths: dict[str, str | Path], shape: tuple[int, ...], threads: int,
-                   runs: int, block: int = 5, settle: int = 2, seed: int = 0
+                   runs: int, block: int = 10, settle: int = 5, seed: int = 0
                    ) -> dict[str, Any]:
     """Median latency of each graph on the same random input, and the median over rounds of
     the first graph's time over each graph's (its speedup), with the graphs interleaved so
@@ -117,11 +117,12 @@ def paired_latency(paths: dict[str, str | Path], shape: tuple[int, ...], threads
     (the order rotated by one every round, so each graph takes each place equally often and,
     with three or more, always follows another graph; reversing it let the first and last
     follow themselves across rounds and never the middle one, which measured 2-3% slower for
-    it), about ``runs`` timed runs each.
-    Switching sessions costs
-    the next runs (caches refilled, the other session's worker threads still spinning): run by
-    run, PIDNet-S at 128x256 timed 17-27 ms float and 9-14 ms INT8, against 6.9 and 3.5 ms
-    back to back, which is how a deployed model runs."""
+    it), about ``runs`` timed runs each. Switching sessions costs the next runs (caches
+    refilled, the other session's worker threads still spinning): run by run, PIDNet-S at
+    128x256 timed 17-27 ms float and 9-14 ms INT8, against 6.9 and 3.5 ms back to back, which
+    is how a deployed model runs. With 2 untimed runs in blocks of 5, LRASPP at 256x512 (10 ms
+    a run) measured 1.13x and 1.37x float for the same graphs minutes apart; hence the longer
+    defaults."""
     sessions = {k: session(p, threads) for k, p in paths.items()}
     x = random_input(shape, seed)
     feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
