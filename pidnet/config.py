@@ -116,9 +116,10 @@ class TrainConfig:
     poly_power: float = ranged(0.9, above=0)
     freeze_bn_epochs: int = ranged(0, 0, "epochs")   # last epochs with batch norm frozen (a
                                                      # fine-tune that matches QAT's)
-    precise_bn: bool = False        # when batch norm freezes, its statistics are first set
-                                    # from one pass over the train split (not the running
-                                    # average of the last few dozen batches)
+    precise_bn: bool = False        # when batch norm freezes after live epochs, its
+                                    # statistics are first set from one pass over the train
+                                    # split (not the running average of the last few dozen
+                                    # batches); a run frozen throughout keeps its model's
     log_interval: int = ranged(20, 0)   # steps between log lines; 0: none
     ema_decay: float = ranged(0.0, 0, below=1)   # exponential moving average of the weights
                                      # (and batch-norm statistics) per step; 0: off. The

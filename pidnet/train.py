@@ -297,7 +297,9 @@ def _run(session: Session, args: argparse.Namespace) -> None:
         sampler = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):   # DistributedSampler: a new shuffle every epoch
             sampler.set_epoch(epoch)
-        if run_cfg.train.precise_bn and epoch == epochs - run_cfg.train.freeze_bn_epochs:
+        # only after live epochs of this run: a run frozen throughout keeps the statistics its
+        # model came with, which a frozen phase before may have trained against
+        if run_cfg.train.precise_bn and 0 < epoch == epochs - run_cfg.train.freeze_bn_epochs:
             n = recompute_batch_norm(model, pairs(session, train_loader), session.device)
             logger.info("batch norm frozen from epoch %d: %d statistics set from one pass "
                         "over the train split", epoch + 1, n)

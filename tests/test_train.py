@@ -10,7 +10,7 @@ import torch
 from pidnet.checkpoint import read_checkpoint
 from pidnet.train import main
 
-from .helpers import TINY_HOOKS, TINY_USER, run_script, start_script, tiny_config
+from .helpers import TINY_HOOKS, TINY_NET_USER, TINY_USER, run_script, start_script, tiny_config
 
 
 def test_float_training_writes_everything(tmp_path, capsys):
@@ -160,3 +160,18 @@ def test_precise_bn_without_frozen_epochs_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train.precise_bn" in err and "train.freeze_bn_epochs" in err
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_precise_bn_keeps_the_statistics_of_a_run_frozen_throughout(tmp_path, capsys):
+    """Frozen from its first epoch, a run keeps the batch-norm statistics its model came with
+    (a frozen phase before may have trained against them): no pass, the buffers untouched."""
+    cfg = tiny_config(tmp_path, hooks=TINY_HOOKS, user=TINY_NET_USER,
+                      train={"epochs": 1, "freeze_bn_epochs": 1, "precise_bn": True,
+                             "log_interval": 0})
+    assert main(["--mode", "float", "--config", str(cfg)]) == 0
+    assert "statistics set from one pass" not in capsys.readouterr().err
+    state = read_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    means = [v for k, v in state.items() if k.endswith("running_mean")]
+    variances = [v for k, v in state.items() if k.endswith("running_var")]
+    assert means and all(torch.equal(m, torch.zeros_like(m)) for m in means)
+    assert all(torch.equal(v, torch.ones_like(v)) for v in variances)
