@@ -286,7 +286,7 @@ def affine_ops_to_depthwise(path: str | Path) -> int:
     """Rewrite each per-channel affine op between a per-tensor DequantizeLinear and a
     QuantizeLinear (optionally through a Relu) as a 1x1 depthwise convolution with int8
     weights and an int32 bias, in place; returns how many. These are the batch norms that
-    follow no convolution (PIDNet's pre-activation BN-ReLU-conv in the PAPPM and the head)
+    follow no convolution (PIDNet's pre-activation BN-ReLU-conv in the PAPPM and the head),
     the complements ``1 - gate``, and the hard sigmoids of squeeze-excite blocks and
     hardswish (MobileNetV3) whose unsigned output quantizer does their clip: onnxruntime has
     no integer kernel for them, so they ran as DequantizeLinear, a float op and
