@@ -89,14 +89,14 @@ def test_demo_runs_every_stage_and_reports_what_the_files_hold(tmp_path, capsys,
     assert "val miou per epoch (float/results.json): " + ", ".join(
         f"{v:.2f}" for v in float_curve) in report
     assert (runs / "sensitivity" / "sensitivity.png").exists()
-    # the sweep measures the float model at 4-bit weights, from the calibration PTQ chose; the
-    # export takes the best quantized model, not the sweep's 4-bit selection
+    # the sweep measures the float model at W4A4, from the calibration PTQ chose; the export
+    # takes the best quantized model, not the sweep's 4-bit selection
     swept = load_config(runs / "sensitivity" / "config.yaml")
-    assert (swept.quant.weight_bits, swept.quant.act_bits) == (4, 8)
+    assert (swept.quant.weight_bits, swept.quant.act_bits) == (4, 4)
     assert swept.model_path == str(runs / "float" / "best.pt")
     assert swept.calib.method == chosen["calib.method"]
     sens = json.loads((runs / "sensitivity" / "results.json").read_text())
-    assert (f"at W4A8 (PTQ miou {sens['baseline']['quantized']:.2f} against float "
+    assert (f"at W4A4 (PTQ miou {sens['baseline']['quantized']:.2f} against float "
             f"{sens['baseline']['float']:.2f} on 1 val batches)") in report
     exported = load_config(runs / "export" / "config.yaml").model_path
     assert exported.startswith(str(runs)) and "sensitivity" not in exported
