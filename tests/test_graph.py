@@ -81,9 +81,10 @@ def test_functional_ops_run_integer_and_restore_from_the_checkpoint(tmp_path, ca
         "optimized_int8_graph"]
     # 4 convolutions, the residual add, both products, the sigmoid and the concatenation;
     # hardswish as x * hardsigmoid(x) with the gate quantized (onnxruntime has no integer
-    # HardSwish; its own quantize_static does the same): a third integer product
-    assert graph["integer_convs"] == graph["all_convs"] == 4
-    assert graph["integer"] == {"QLinearConv": 4, "QLinearAdd": 1, "QLinearMul": 3,
+    # HardSwish; its own quantize_static does the same): a third integer product; both hard
+    # sigmoids, their unsigned [0, 1] gates clipping them, as depthwise convolutions
+    assert graph["integer_convs"] == graph["all_convs"] == 6
+    assert graph["integer"] == {"QLinearConv": 6, "QLinearAdd": 1, "QLinearMul": 3,
                                 "QLinearSigmoid": 1, "QLinearConcat": 1}
     assert graph["float"] == {} and graph["float_nodes"] == {}
 
