@@ -200,9 +200,9 @@ class Bench:
                 *(f"{key}={value}" for key, value in recipe.items())]
         if run == "control":   # the same schedule as QAT, no quantizers
             sets = [item for item in sets if not item.startswith("quant.")]
-            # and, as QAT, the batch-norm statistics the float model came with: set again
-            # from a pass, they no longer match what its frozen phase trained against
-            # (a 3-epoch control from the float recipe's model fell 5 points in its first)
+            # and, as QAT, no pass over the train split for batch-norm statistics: where a
+            # config leaves the control live epochs before it freezes, train.precise_bn would
+            # run one there, which QAT never does (frozen throughout, train.py skips it)
             sets += [f"train.epochs={epochs}", f"train.lr={recipe['qat.lr']}",
                      f"train.schedule={cfg.qat.schedule}",
                      f"train.freeze_bn_epochs={frozen_bn}", "train.precise_bn=false"]

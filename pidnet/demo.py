@@ -88,8 +88,8 @@ def best_quantized(runs: Path) -> tuple[str, Path]:
 
 
 def summary(runs: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The report's rows, read from the stages' results files only (every stage wrote one:
-    a missed quality gate still writes its results)."""
+    """The report's rows, read only from the stages' results files (every stage writes one: a
+    missed quality gate too) and the sweep's resolved config.yaml (its bit widths)."""
     ptq, sens, export = (_results(runs / s) for s in ("calibrate", "sensitivity", "export"))
     metric = ptq["metric"]
     rows = [{"stage": "float", metric: ptq["float"][metric],
