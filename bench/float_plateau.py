@@ -3,12 +3,12 @@ make it better.
 
     python -m bench.float_plateau --weights runs/float/best.pt [--seeds 0 1 2]
 
-From the float checkpoint, the float fine-tune controls of ``bench.qat_modes`` (``--mode
-float`` with a QAT recipe's epochs, scenes, batch, learning rate and frozen batch norm, no
-quantizers): the W8A8 recipe (3 epochs, batches of 8) and the W4A4 recipe (10 epochs, batches
-of 2 at 8e-3), each for every seed, scored on the held-out test scenes. A model at its plateau
-gains at most 0.3 mIoU from either (mean over seeds): the goal of issue 29, under which a QAT
-figure above float means what it says. The controls are the QAT benchmark's own (the same
+From the float checkpoint, the float fine-tune controls of ``bench.qat_modes`` (``--mode float``
+with a QAT recipe's epochs, scenes, batch, learning rate and frozen batch norm, no quantizers):
+the W8A8 recipe (3 epochs, batches of 8) and the W4A4 recipe (10 epochs, batches of 2 at 8e-3,
+on whole scenes), each for every seed, scored on the held-out test scenes. A model at its
+plateau gains at most 0.3 mIoU from either (mean over seeds): the goal of issue 29, under which
+a QAT figure above float means what it says. The controls are the QAT benchmark's own (the same
 runs, in its ``--out-dir``, runs/bench_qat by default): after ``bench.qat_modes`` nothing trains
 again. Figures: bench/results/float_plateau.json (the controls' table:
 <out-dir>/float_plateau_table.json).

@@ -17,29 +17,30 @@ reported on: methods are chosen on val, and every figure is the *final* model on
 test split (the hooks' ``test`` split; a hooks file without one reports val, and the JSON
 says so).
 
-Each bit setting has its recipe (``EPOCHS``, ``BATCH``, ``LR``, ``SCENES``, ``MODE_RECIPES``),
-every part chosen on val before the benchmark ran; the figures behind each choice, with their
-commands, are in bench/QAT_MODES.md. 3 epochs over half the 320 training scenes suffice at 8-bit
-activations; W4A4 gets the whole QAT budget, 10 epochs over all 320 (a third of the float
-model's 28), in batches of 2 rather than 8 at a higher learning rate, 8e-3 rather than the
-config's 1e-3. At W4A4 ``stats`` tracks its ranges for the first 2 epochs only, over a longer
-moving average (tracking is what 4-bit activations punish), and ``direct`` learns its ranges for
-the first 5 epochs at 30 times the learning rate, then trains against them fixed, its weight
-ranges following its weights. The batch size is the hooks' ``user.batch_size``
-(``my_model.py``).
+Each bit setting has its recipe (``EPOCHS``, ``BATCH``, ``LR``, ``SCENES``, ``SETTING_RECIPES``,
+``MODE_RECIPES``), every part chosen on val before the benchmark ran; the figures behind each
+choice, with their commands, are in bench/QAT_MODES.md. 3 epochs over half the 320 training
+scenes suffice at 8-bit activations; W4A4 gets the whole QAT budget, 10 epochs over all 320, in
+batches of 2 rather than 8 at a higher learning rate, 8e-3 rather than the config's 1e-3, on
+whole 128x256 scenes rather than the float recipe's 128x128 crops (its control too; on crops
+W4A4 ``calib`` ended 1.6 lower on val). At W4A4 ``stats`` tracks its ranges for the first 2
+epochs only, over a longer moving average (tracking is what 4-bit activations punish), and
+``direct`` learns its ranges for the first 5 epochs at 30 times the learning rate, then trains
+against them fixed, its weight ranges following its weights. The batch size is the hooks'
+``user.batch_size`` (``my_model.py``).
 
 Each run keeps its result as it finishes (``<out-dir>/<setting>/<run>_seed<n>/``; the control,
-which has no quantizers, once per seed, epoch count, batch and learning rate in
-``<out-dir>/control_<epochs>ep_b<batch>_lr<lr>_seed<n>/``): a rerun after a stop only does what
-is missing, and resumes an unfinished training from its ``last.pt``. A finished run whose own
-config (the ``config.yaml`` in its directory) differs in any key from what the benchmark would
-run now, the config file's defaults included, is an error, never a figure. ``--jobs`` runs
-trainings side by side, each in its own process with its share of the cores: small-batch
-training does not keep many threads busy. Output: a table (mean and
-standard deviation over seeds), bench/results/qat_modes.json, and bench/results/qat_modes.png
-(each mode's per-epoch val metric against float and best PTQ); with another ``--out-dir``,
-``<out-dir>/qat_modes.json`` and ``.png``.
-The cost of one QAT step relative to a float step is measured too (goal <= 1.3).
+which has no quantizers, once per seed, epoch count, batch, learning rate and crop in
+``<out-dir>/control_<epochs>ep_b<batch>_lr<lr>[_crop<h>x<w>]_seed<n>/``): a rerun after a stop
+only does what is missing, and resumes an unfinished training from its ``last.pt``. A finished
+run whose own config (the ``config.yaml`` in its directory) differs in any key from what the
+benchmark would run now, the config file's defaults included, is an error, never a figure.
+``--jobs`` runs trainings side by side, each in its own process with its share of the cores:
+small-batch training does not keep many threads busy. Output: a table (mean and standard
+deviation over seeds), bench/results/qat_modes.json, and bench/results/qat_modes.png (each
+mode's per-epoch val metric against float and best PTQ); with another ``--out-dir``,
+``<out-dir>/qat_modes.json`` and ``.png``. The cost of one QAT step relative to a float step is
+measured too (goal <= 1.3).
 """
 from __future__ import annotations
 
@@ -86,6 +87,9 @@ LR = {"w4a4": 0.008}                          # qat.lr where not the config's (d
 MODE_RECIPES = {"w4a4": {"stats": {"qat.freeze_ranges_epochs": 8, "qat.range_momentum": 0.975},
                          "direct": {"qat.freeze_ranges_epochs": 5, "qat.range_lr_scale": 30,
                                     "qat.track_weight_ranges": True}}}
+# what every run of a setting adds, its control's included (docstring): W4A4 trains on whole
+# 128x256 scenes, not the float recipe's 128x128 crops
+SETTING_RECIPES = {"w4a4": {"user.crop_size": [128, 256]}}
 RUNS = (*QAT_MODES, "control")
 Recipe = dict[str, Any]   # config key -> value: how a run trains, beyond its mode and seed
 OUT_DIR = "runs/bench_qat"
@@ -173,8 +177,10 @@ class Bench:
         # the control has no quantizers: one run per seed and recipe serves every setting
         if run != "control":
             return self.out / setting / f"{run}_seed{seed}"
+        crop = recipe.get("user.crop_size")
         return self.out / (f"control_{recipe['qat.epochs']}ep_b{recipe['user.batch_size']}"
-                           f"_lr{recipe['qat.lr']:g}_seed{seed}")
+                           f"_lr{recipe['qat.lr']:g}"
+                           f"{'_crop' + 'x'.join(map(str, crop)) if crop else ''}_seed{seed}")
 
     def kept(self, out: Path, setting: str, run: str, seed: int, recipe: Recipe
              ) -> dict[str, Any] | None:
@@ -500,15 +506,21 @@ def run_all(bench: Bench, settings: list[str], run_names: list[str], seeds: list
 
 
 def mode_recipes(epochs: dict[str, int], overrides: list[str]) -> dict[str, dict[str, Recipe]]:
-    """Setting -> mode -> what that mode's runs add to their recipe: ``MODE_RECIPES``, less
-    any key a ``--set`` names (that value serves every run), the ranges frozen for at most the
-    run's epochs."""
+    """Setting -> run -> what that run adds to its recipe: ``SETTING_RECIPES`` and
+    ``MODE_RECIPES``, less any key a ``--set`` names (that value serves every run), the ranges
+    frozen for at most the run's epochs. Runs that add nothing are left out."""
     named = {item.partition("=")[0] for item in overrides}
-    return {setting: {mode: {key: min(value, epochs[setting])
-                             if key == "qat.freeze_ranges_epochs" else value
-                             for key, value in recipe.items() if key not in named}
-                      for mode, recipe in MODE_RECIPES.get(setting, {}).items()}
-            for setting in epochs}
+    recipes: dict[str, dict[str, Recipe]] = {}
+    for setting in epochs:
+        recipes[setting] = {}
+        for run in RUNS:
+            recipe = {**SETTING_RECIPES.get(setting, {}),
+                      **MODE_RECIPES.get(setting, {}).get(run, {})}
+            recipe = {key: min(value, epochs[setting]) if key == "qat.freeze_ranges_epochs"
+                      else value for key, value in recipe.items() if key not in named}
+            if recipe:
+                recipes[setting][run] = recipe
+    return recipes
 
 
 def per_setting(items: list[str], defaults: dict[str, Any], flag: str,

@@ -192,23 +192,30 @@ def test_run_all_starts_with_the_longest_trainings(tmp_path):
 
 def test_each_mode_takes_its_own_ranges_recipe_at_w4a4(tmp_path):
     recipes = mode_recipes({**EPOCHS, "w4a4": 10}, [])
+    scenes = {"user.crop_size": [128, 256]}   # every W4A4 run trains on whole scenes
     assert recipes == {"w8a8": {}, "w4a8": {}, "w4a4": {
-        "stats": {"qat.freeze_ranges_epochs": 8, "qat.range_momentum": 0.975},
-        "direct": {"qat.freeze_ranges_epochs": 5, "qat.range_lr_scale": 30,
+        "calib": scenes, "control": scenes,
+        "stats": {**scenes, "qat.freeze_ranges_epochs": 8, "qat.range_momentum": 0.975},
+        "direct": {**scenes, "qat.freeze_ranges_epochs": 5, "qat.range_lr_scale": 30,
                    "qat.track_weight_ranges": True}}}
     # never frozen for more epochs than the run has; a --set of a key serves every run
     short = mode_recipes({**EPOCHS, "w4a4": 4}, [])["w4a4"]
     assert short["stats"]["qat.freeze_ranges_epochs"] == short["direct"][
         "qat.freeze_ranges_epochs"] == 4
-    assert mode_recipes(EPOCHS, ["qat.freeze_ranges_epochs=2"])["w4a4"] == {
-        "stats": {"qat.range_momentum": 0.975},
-        "direct": {"qat.range_lr_scale": 30, "qat.track_weight_ranges": True}}
+    assert mode_recipes(EPOCHS, ["qat.freeze_ranges_epochs=2", "user.crop_size=[64,64]"])[
+        "w4a4"] == {"stats": {"qat.range_momentum": 0.975},
+                    "direct": {"qat.range_lr_scale": 30, "qat.track_weight_ranges": True}}
     bench = _FakeBench(tmp_path, kept={})
     run_all(bench, ["w8a8", "w4a4"], ["calib", "stats", "direct", "control"], [0], EPOCHS,
             BATCH, LR, SCENES, {"w8a8": ENTROPY, "w4a4": ENTROPY}, jobs=1, recipes=recipes)
     ranges = {(t[1], t[0].partition("_")[0]): (t[6].get("qat.freeze_ranges_epochs"),
                                                 t[6].get("qat.range_momentum"))
               for t in bench.trained}
+    # the W4A4 control trains on whole scenes too, in a directory of its own
+    assert sorted(t[0] for t in bench.trained if t[0].startswith("control")) == [
+        "control_10ep_b2_lr0.008_crop128x256_seed0", "control_3ep_b8_lr0.001_seed0"]
+    assert {t[1]: t[6].get("user.crop_size") for t in bench.trained
+            if t[0].startswith("control")} == {"w4a4": [128, 256], "w8a8": None}
     assert ranges == {("w4a4", "stats"): (8, 0.975), ("w4a4", "direct"): (5, None),
                       ("w4a4", "calib"): (None, None), ("w4a4", "control"): (None, None),
                       ("w8a8", "stats"): (None, None), ("w8a8", "calib"): (None, None),
