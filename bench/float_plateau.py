@@ -53,6 +53,7 @@ def main() -> None:
         "controls": {s: {"mean": row["mean"], "std": row["std"], "n": row["n"],
                          "epochs": summary["epochs"][s], "batch": summary["batch"][s],
                          "lr": summary["lr"][s], "train_images": summary["train_images"][s],
+                         "recipe": summary["mode_recipes"][s].get("control", {}),
                          "gain_over_float": gains[s]} for s, row in controls.items()},
         "goal": f"every control gains at most {GAIN_AT_MOST} over float (mean of seeds)",
         "met": all(g <= GAIN_AT_MOST for g in gains.values())}
