@@ -179,9 +179,9 @@ class Bench:
         if run != "control":
             return self.out / setting / f"{run}_seed{seed}"
         crop = recipe.get("user.crop_size")
+        crop_part = f"_crop{crop[0]}x{crop[1]}" if crop else ""
         return self.out / (f"control_{recipe['qat.epochs']}ep_b{recipe['user.batch_size']}"
-                           f"_lr{recipe['qat.lr']:g}"
-                           f"{'_crop' + 'x'.join(map(str, crop)) if crop else ''}_seed{seed}")
+                           f"_lr{recipe['qat.lr']:g}{crop_part}_seed{seed}")
 
     def kept(self, out: Path, setting: str, run: str, seed: int, recipe: Recipe
              ) -> dict[str, Any] | None:
