@@ -209,10 +209,12 @@ class Bench:
             sets = [item for item in sets if not item.startswith("quant.")]
             # and, as QAT, no pass over the train split for batch-norm statistics: where a
             # config leaves the control live epochs before it freezes, train.precise_bn would
-            # run one there, which QAT never does (frozen throughout, train.py skips it)
+            # run one there, which QAT never does (frozen throughout, train.py skips it); nor
+            # the float recipe's own loader for its frozen phase: QAT's data throughout
             sets += [f"train.epochs={epochs}", f"train.lr={recipe['qat.lr']}",
                      f"train.schedule={cfg.qat.schedule}",
-                     f"train.freeze_bn_epochs={frozen_bn}", "train.precise_bn=false"]
+                     f"train.freeze_bn_epochs={frozen_bn}", "train.precise_bn=false",
+                     "train.final_phase_user={}"]
         return sets
 
     def train(self, out: Path, setting: str, run: str, seed: int, recipe: Recipe,

@@ -120,6 +120,10 @@ class TrainConfig:
                                     # statistics are first set from one pass over the train
                                     # split (not the running average of the last few dozen
                                     # batches); a run frozen throughout keeps its model's
+    # ``user:`` keys the hooks see in the frozen phase (the last freeze_bn_epochs), over the
+    # config's: its train loader is built again with them, e.g. crop_size at the size the
+    # model is evaluated at (FixRes: train on crops, finish on whole images); {}: one loader
+    final_phase_user: dict[str, Any] = field(default_factory=dict)
     log_interval: int = ranged(20, 0)   # steps between log lines; 0: none
     ema_decay: float = ranged(0.0, 0, below=1)   # exponential moving average of the weights
                                      # (and batch-norm statistics) per step; 0: off. The
@@ -441,6 +445,8 @@ def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, 
             allowed.append("not empty")
         if key == "user":
             allowed.append("free-form, handed to the hooks")
+        if key == "train.final_phase_user":
+            allowed.append("user keys, over user: in the last train.freeze_bn_epochs")
         rows.append((key, _type_name(hint), getattr(defaults, f.name),
                      "; ".join(allowed) or "any"))
     return rows

@@ -146,8 +146,13 @@ class Hooks:
 
     @property
     def has_test_split(self) -> bool:
-        return (self._arity["get_data_loader"] == 2
-                and bool(getattr(self.module, "HAS_TEST_SPLIT", False)))
+        return self.reads_config and bool(getattr(self.module, "HAS_TEST_SPLIT", False))
+
+    @property
+    def reads_config(self) -> bool:
+        """Whether ``get_data_loader`` takes the config (the original README's takes only
+        ``data_path``, so the ``user:`` keys cannot reach it)."""
+        return self._arity["get_data_loader"] == 2
 
     @property
     def returns_trained_model(self) -> bool:

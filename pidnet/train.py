@@ -65,8 +65,14 @@ def qat_view(cfg: Config) -> Config:
     train = dataclasses.replace(cfg.train, epochs=cfg.qat.epochs, lr=cfg.qat.lr,
                                 schedule=cfg.qat.schedule, log_interval=cfg.qat.log_interval,
                                 freeze_bn_epochs=cfg.qat.freeze_bn_epochs, ema_decay=0.0,
-                                precise_bn=False)
+                                precise_bn=False, final_phase_user={})
     return dataclasses.replace(cfg, train=train)
+
+
+def final_phase_view(cfg: Config) -> Config:
+    """The config as the hooks see it in the frozen batch-norm phase: ``user:`` with
+    ``train.final_phase_user`` over it."""
+    return dataclasses.replace(cfg, user={**cfg.user, **cfg.train.final_phase_user})
 
 
 @dataclass
@@ -216,6 +222,20 @@ def _train(args: argparse.Namespace) -> None:
             raise ConfigError("config key 'train.precise_bn' sets the batch-norm statistics "
                               "when they freeze, and 'train.freeze_bn_epochs' is 0: set it to "
                               "the last epochs to train with them frozen, or precise_bn=false")
+        if args.mode == "float" and cfg.train.final_phase_user:
+            if not cfg.train.freeze_bn_epochs:
+                raise ConfigError("config key 'train.final_phase_user' sets what the hooks see "
+                                  "in the frozen batch-norm phase, and 'train.freeze_bn_epochs' "
+                                  "is 0: set it to the last epochs to train that way, or "
+                                  "final_phase_user={}")
+            if not hooks.reads_config:
+                raise ConfigError(f"config key 'train.final_phase_user' needs get_data_loader"
+                                  f"(cfg, split) in {cfg.hooks}; its get_data_loader(data_path) "
+                                  "cannot read user keys: set train.final_phase_user={}")
+            try:
+                hooks.check_config(final_phase_view(cfg))
+            except ConfigError as exc:
+                raise ConfigError(f"{exc} (from train.final_phase_user)") from None
         if args.mode in ("stats", "direct") and cfg.qat.freeze_ranges_epochs >= cfg.qat.epochs:
             what = "track" if args.mode == "stats" else "learn"
             frozen = cfg.qat.freeze_ranges_epochs
@@ -254,6 +274,9 @@ def _run(session: Session, args: argparse.Namespace) -> None:
         model = session.fresh_model().to(session.device)
     criterion = build_criterion(session)
     train_loader = session.hooks.get_data_loader(run_cfg, "train")
+    final_loader = train_loader   # the frozen phase's (train.final_phase_user)
+    if run_cfg.train.final_phase_user:
+        final_loader = session.hooks.get_data_loader(final_phase_view(run_cfg), "train")
     val_loader = session.hooks.get_data_loader(run_cfg, "val")
     state = QatState()
     if qat:
@@ -266,8 +289,9 @@ def _run(session: Session, args: argparse.Namespace) -> None:
     if state.range_params:
         optimizer.add_param_group({"params": state.range_params, "weight_decay": 0.0,
                                    "lr": cfg.qat.lr * cfg.qat.range_lr_scale})
-    epochs = run_cfg.train.epochs
-    scheduler = build_scheduler(optimizer, run_cfg.train.schedule, epochs * len(train_loader),
+    epochs, frozen = run_cfg.train.epochs, run_cfg.train.freeze_bn_epochs
+    steps = (epochs - frozen) * len(train_loader) + frozen * len(final_loader)
+    scheduler = build_scheduler(optimizer, run_cfg.train.schedule, steps,
                                 run_cfg.train.poly_power)
     history: list[dict[str, Any]] = []
     best: float | None = None
@@ -294,19 +318,23 @@ def _run(session: Session, args: argparse.Namespace) -> None:
                     _recalibrate(session, model)
             for p in state.range_params:
                 p.requires_grad_(False)
-        sampler = getattr(train_loader, "sampler", None)
+        loader = final_loader if final_phase(frozen) else train_loader
+        sampler = getattr(loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):   # DistributedSampler: a new shuffle every epoch
             sampler.set_epoch(epoch)
+        if final_loader is not train_loader and epoch == epochs - frozen:
+            logger.info("epochs %d-%d train on user keys %s", epoch + 1, epochs,
+                        run_cfg.train.final_phase_user)
         # only after live epochs of this run: a run frozen throughout keeps the statistics its
         # model came with, which a frozen phase before may have trained against
-        if run_cfg.train.precise_bn and 0 < epoch == epochs - run_cfg.train.freeze_bn_epochs:
-            n = recompute_batch_norm(model, pairs(session, train_loader), session.device)
+        if run_cfg.train.precise_bn and 0 < epoch == epochs - frozen:
+            n = recompute_batch_norm(model, pairs(session, loader), session.device)
             logger.info("batch norm frozen from epoch %d: %d statistics set from one pass "
                         "over the train split", epoch + 1, n)
-        stats = train_one_epoch(net, pairs(session, train_loader), criterion, optimizer,
+        stats = train_one_epoch(net, pairs(session, loader), criterion, optimizer,
                                 session.device, epoch,
                                 scheduler, run_cfg.train.log_interval,
-                                freeze_bn=final_phase(run_cfg.train.freeze_bn_epochs),
+                                freeze_bn=final_phase(frozen),
                                 after_backward=after_backward,
                                 after_step=None if ema is None else lambda: ema.update_parameters(
                                     model))

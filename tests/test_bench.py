@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -224,3 +225,18 @@ def test_each_mode_takes_its_own_ranges_recipe_at_w4a4(tmp_path):
     assert {(t[1], t[0].partition("_")[0]): t[6]["user.train_images"] for t in bench.trained} == {
         (setting, run): 320 if setting == "w4a4" else 160 for setting in ("w8a8", "w4a4")
         for run in ("calib", "stats", "direct", "control")}
+
+
+def test_the_control_trains_on_qat_data_not_the_float_recipe_final_phase(tmp_path):
+    """A float recipe whose frozen phase has a loader of its own (``train.final_phase_user``)
+    must not hand it to the control: the control trains as QAT does, on QAT's data."""
+    sets = ["train.final_phase_user.crop_size=[128,256]", "train.precise_bn=true"]
+    cfg = load_config(ROOT / "config.yaml", sets)
+    bench = SimpleNamespace(session=SimpleNamespace(cfg=cfg), file_qat=cfg.qat, overrides=sets,
+                            weights=tmp_path / "float.pt")
+    recipe = {"qat.epochs": 3, "qat.lr": 1e-3, "user.batch_size": 8}
+    control = load_config(ROOT / "config.yaml", Bench.run_sets(
+        bench, tmp_path / "control", "w8a8", "control", 0, recipe))
+    assert control.train.final_phase_user == {} and not control.train.precise_bn
+    assert control.train.epochs == 3 and control.train.freeze_bn_epochs == 3
+    assert control.user["crop_size"] == cfg.user["crop_size"] == [128, 128]

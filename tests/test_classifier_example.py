@@ -125,3 +125,19 @@ def test_classifier_post_training_steps(classifier):
                        "--set", f"output_dir={tmp / 'steps_qat'}"]) == 0
     start = _results(tmp / "steps_qat")["baselines"]["ptq"]["accuracy"]
     assert start == pytest.approx(ptq["best"], abs=1e-6)
+
+
+def test_classifier_final_phase_trains_on_its_own_loader(classifier):
+    """``train.final_phase_user`` for a model that is not PIDNet: the frozen last epoch draws
+    from a loader built with those user keys (batches of 64 here, 32 before), and the schedule
+    spans the steps of both, so it ends at zero."""
+    tmp, cfg = classifier
+    out = tmp / "float_final"
+    assert train_main(["--mode", "float", "--config", str(cfg), "--set", "train.epochs=2",
+                       "--set", "train.freeze_bn_epochs=1",
+                       "--set", "train.final_phase_user.batch_size=64",
+                       "--set", f"output_dir={out}"]) == 0
+    last = read_checkpoint(out / "last.pt")
+    assert last["scheduler"]["last_epoch"] == 512 // 32 + 512 // 64
+    lrs = [e["lr"] for e in _results(out)["epochs"]]
+    assert lrs[0] > 0 and lrs[-1] == pytest.approx(0.0, abs=1e-9)

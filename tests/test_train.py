@@ -10,7 +10,8 @@ import torch
 from pidnet.checkpoint import read_checkpoint
 from pidnet.train import main
 
-from .helpers import TINY_HOOKS, TINY_NET_USER, TINY_USER, run_script, start_script, tiny_config
+from .helpers import (ROOT, TINY_HOOKS, TINY_NET_USER, TINY_USER, run_script, start_script,
+                      tiny_config)
 
 
 def test_float_training_writes_everything(tmp_path, capsys):
@@ -42,27 +43,31 @@ def _state(path):
     return read_checkpoint(path)["model"]
 
 
-@pytest.mark.parametrize("moment,ema,precise_bn", [("before_first_checkpoint", 0.0, False),
-                                                   ("after_first_checkpoint", 0.0, False),
-                                                   ("after_first_checkpoint", 0.9, False),
-                                                   ("after_first_checkpoint", 0.9, True)])
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, moment, ema, precise_bn):
-    """Killed at any moment, a resumed run ends on the same weights, with a weight average and
+@pytest.mark.parametrize("moment,ema,precise_bn,final", [
+    ("before_first_checkpoint", 0.0, False, {}),
+    ("after_first_checkpoint", 0.0, False, {}),
+    ("after_first_checkpoint", 0.9, False, {}),
+    ("after_first_checkpoint", 0.9, True, {}),
+    ("after_first_checkpoint", 0.9, True, {"crop_size": [32, 64], "batch_size": 2})])
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, moment, ema, precise_bn, final):
+    """Killed at any moment, a resumed run ends on the same weights, with a weight average,
     with batch-norm statistics set from a pass over the train split when they freeze (the
     last 2 of 3 epochs: after the first checkpoint; on the small conv net, as PIDNet-S on 8
-    tiny scenes diverges with batch norm frozen after one epoch, with or without the pass)."""
+    tiny scenes diverges with batch norm frozen after one epoch, with or without the pass),
+    and with those frozen epochs on a loader of their own (``train.final_phase_user``)."""
     ref_dir, cut_dir = tmp_path / "ref", tmp_path / "cut"
     ref_dir.mkdir(), cut_dir.mkdir()
     train = {"epochs": 3, "lr": 0.01, "log_interval": 0, "ema_decay": ema}
     extra = {}
     if precise_bn:
-        train.update(precise_bn=True, freeze_bn_epochs=2)
+        train.update(precise_bn=True, freeze_bn_epochs=2, final_phase_user=final)
         extra = {"hooks": TINY_HOOKS, "user": {**TINY_USER, "train_images": 64}}
     ref_cfg = tiny_config(ref_dir, train=train, **extra)
     cut_cfg = tiny_config(cut_dir, train=train, **extra)
     ref_run = run_script("qat_train.py", "--mode", "float", "--config", str(ref_cfg))
     assert ref_run.returncode == 0
     assert ("statistics set from one pass over the train split" in ref_run.stderr) == precise_bn
+    assert ("epochs 2-3 train on user keys" in ref_run.stderr) == bool(final)
 
     proc = start_script("qat_train.py", "--mode", "float", "--config", str(cut_cfg))
     last = cut_dir / "run" / "last.pt"
@@ -90,6 +95,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, moment, ema, pr
         assert ref["ema_steps"] == cut["ema_steps"] > 0
         assert any(not torch.equal(v, ref["live"][k]) for k, v in ref["model"].items()
                    if v.is_floating_point())
+    if final:   # 64 scenes: 16 steps in batches of 4, then 2 epochs of 32 in batches of 2
+        assert ref["scheduler"]["last_epoch"] == cut["scheduler"]["last_epoch"] == 16 + 2 * 32
     ref_hist = json.loads((ref_dir / "run" / "results.json").read_text())["epochs"]
     cut_hist = json.loads((cut_dir / "run" / "results.json").read_text())["epochs"]
     assert [e["miou"] for e in ref_hist] == pytest.approx([e["miou"] for e in cut_hist])
@@ -175,3 +182,24 @@ def test_precise_bn_keeps_the_statistics_of_a_run_frozen_throughout(tmp_path, ca
     variances = [v for k, v in state.items() if k.endswith("running_var")]
     assert means and all(torch.equal(m, torch.zeros_like(m)) for m in means)
     assert all(torch.equal(v, torch.ones_like(v)) for v in variances)
+
+
+@pytest.mark.parametrize("train,user_key", [
+    ({"freeze_bn_epochs": 0, "final_phase_user": {"crop_size": [64, 64]}}, "freeze_bn_epochs"),
+    ({"freeze_bn_epochs": 1, "final_phase_user": {"crop_sise": [64, 64]}}, "user.crop_sise"),
+    ({"freeze_bn_epochs": 1, "final_phase_user": {"crop_size": [64]}}, "user.crop_size")])
+def test_bad_final_phase_user_is_refused_before_any_work(tmp_path, capsys, train, user_key):
+    cfg = tiny_config(tmp_path, train={"epochs": 2, "log_interval": 0, **train})
+    assert main(["--mode", "float", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.final_phase_user" in err[0] and user_key in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_final_phase_user_needs_hooks_that_read_the_config(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, hooks=str(ROOT / "tests" / "fixtures" / "fragile_hooks.py"),
+                      train={"epochs": 2, "freeze_bn_epochs": 1,
+                             "final_phase_user": {"batch_size": 2}})
+    assert main(["--mode", "float", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "get_data_loader(data_path)" in err and "final_phase_user={}" in err
