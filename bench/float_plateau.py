@@ -12,14 +12,24 @@ a QAT figure above float means what it says. The controls are the QAT benchmark'
 runs, in its ``--out-dir``, runs/bench_qat by default): after ``bench.qat_modes`` nothing trains
 again. Figures: bench/results/float_plateau.json (the controls' table:
 <out-dir>/float_plateau_table.json).
+
+``--links N`` measures how far the plateau is: the W4A4 control trained again N - 1 times, each
+link from the previous link's final model with the same seed (``<out-dir>/w4a4_control_link<k>/``);
+the gain of each link over the one before says how much more float training that recipe would
+still find. A rerun keeps finished links.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from bench import save_result
+from bench.qat_modes import BATCH, EPOCHS, LR, SCENES, Bench, mode_recipes, run_recipe
 from bench.qat_modes import main as qat_modes_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +43,13 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out-dir", default="runs/bench_qat")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--links", type=int, default=1,
+                        help="W4A4 controls in a chain, each from the one before (module "
+                             "docstring); 1: the benchmark's controls only")
     parser.add_argument("--json", default=str(ROOT / "bench/results/float_plateau.json"))
     args = parser.parse_args()
+    if args.links < 1:
+        parser.error(f"--links takes N >= 1, got {args.links}")
     out = Path(args.out_dir)
     qat_modes_main(["--config", args.config, "--float-weights", args.weights,
                     "--out-dir", str(out), "--settings", "w8a8", "w4a4", "--runs", "control",
@@ -47,7 +62,8 @@ def main() -> None:
     gains = {s: row["mean"] - float_value for s, row in controls.items()}
     result = {
         "command": f"python -m bench.float_plateau --weights {args.weights} "
-                   f"--seeds {' '.join(map(str, args.seeds))}",
+                   f"--seeds {' '.join(map(str, args.seeds))}"
+                   + (f" --links {args.links}" if args.links > 1 else ""),
         "weights": args.weights, "metric": summary["metric"], "split": split,
         "float": float_value, "float_val": summary["float"]["val"],
         "controls": {s: {"mean": row["mean"], "std": row["std"], "n": row["n"],
@@ -57,7 +73,56 @@ def main() -> None:
                          "gain_over_float": gains[s]} for s, row in controls.items()},
         "goal": f"every control gains at most {GAIN_AT_MOST} over float (mean of seeds)",
         "met": all(g <= GAIN_AT_MOST for g in gains.values())}
+    if args.links > 1:
+        bench = Bench(Path(args.config), Path(args.weights), out, [])
+        links = chain(bench, table["runs"]["w4a4"]["control"], args.seeds, args.links,
+                      args.jobs)
+        result["w4a4_chain"] = chain_summary(float_value, links)
     save_result(result, args.json)
+
+
+def chain(bench: Any, first: list[dict[str, Any]], seeds: list[int], links: int, jobs: int
+          ) -> list[list[dict[str, Any]]]:
+    """The W4A4 control's results per link and seed: ``first`` (the benchmark's own controls,
+    one per seed, in ``bench.out``) and links 2 to ``links``, each seed trained from its
+    previous link's ``last.pt``, ``jobs`` at a time; finished links are kept."""
+    setting, run = "w4a4", "control"
+    lr = {s: LR.get(s, bench.session.cfg.qat.lr) for s in EPOCHS}
+    recipe = run_recipe(setting, run, EPOCHS, BATCH, lr, SCENES, {},
+                        mode_recipes(EPOCHS, []))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    done = [first]
+    for link in range(2, links + 1):
+        def one(seed: int, link: int = link) -> dict[str, Any]:
+            start = link_dir(bench, link - 1, seed, recipe) / "last.pt"
+            asked = {**recipe, "model_path": str(start)}
+            out = link_dir(bench, link, seed, recipe)
+            return (bench.kept(out, setting, run, seed, asked)
+                    or bench.train(out, setting, run, seed, asked, threads))
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            done.append(list(pool.map(one, seeds)))
+    return done
+
+
+def link_dir(bench: Any, link: int, seed: int, recipe: dict[str, Any]) -> Path:
+    """Link 1 is the benchmark's control; link k > 1 lives in ``w4a4_control_link<k>/``."""
+    path = bench.run_dir("w4a4", "control", seed, recipe)
+    return path if link == 1 else path.parent / f"w4a4_control_link{link}" / path.name
+
+
+def chain_summary(float_value: float, links: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Each link's mean and spread over seeds and its gain over the link before (link 1: over
+    float)."""
+    rows, before = [], float_value
+    for k, results in enumerate(links, start=1):
+        values = [r["report"] for r in results]
+        mean = statistics.fmean(values)
+        rows.append({"link": k, "per_seed": values, "mean": mean,
+                     "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                     "gain_over_previous": mean - before,
+                     "met": mean - before <= GAIN_AT_MOST})
+        before = mean
+    return rows
 
 
 if __name__ == "__main__":

@@ -475,12 +475,8 @@ def run_all(bench: Bench, settings: list[str], run_names: list[str], seeds: list
     for setting in settings:
         for seed in seeds:
             for run in run_names:
-                recipe = {"qat.epochs": epochs[setting], "qat.lr": lr[setting],
-                          "user.train_images": scenes[setting],
-                          "user.batch_size": batch[setting]}
-                if run != "control":   # no quantizers to calibrate: one control per recipe
-                    recipe.update(qat_start(calibration[setting]))
-                recipe.update((recipes or {}).get(setting, {}).get(run, {}))
+                recipe = run_recipe(setting, run, epochs, batch, lr, scenes, calibration,
+                                    recipes)
                 out = bench.run_dir(setting, run, seed, recipe)
                 cells.append((setting, run, out))
                 if out in results or out in todo:
@@ -506,6 +502,18 @@ def run_all(bench: Bench, settings: list[str], run_names: list[str], seeds: list
     for setting, run, out in cells:
         runs[setting][run].append(results[out])
     return runs
+
+
+def run_recipe(setting: str, run: str, epochs: dict[str, int], batch: dict[str, int],
+               lr: dict[str, float], scenes: dict[str, int], calibration: dict[str, Recipe],
+               recipes: dict[str, dict[str, Recipe]] | None = None) -> Recipe:
+    """What one run of ``setting`` trains with, beyond its mode and seed (``run_all``)."""
+    recipe = {"qat.epochs": epochs[setting], "qat.lr": lr[setting],
+              "user.train_images": scenes[setting], "user.batch_size": batch[setting]}
+    if run != "control":   # no quantizers to calibrate: one control per recipe
+        recipe.update(qat_start(calibration[setting]))
+    recipe.update((recipes or {}).get(setting, {}).get(run, {}))
+    return recipe
 
 
 def mode_recipes(epochs: dict[str, int], overrides: list[str]) -> dict[str, dict[str, Recipe]]:

@@ -240,3 +240,64 @@ def test_the_control_trains_on_qat_data_not_the_float_recipe_final_phase(tmp_pat
     assert control.train.final_phase_user == {} and not control.train.precise_bn
     assert control.train.epochs == 3 and control.train.freeze_bn_epochs == 3
     assert control.user["crop_size"] == cfg.user["crop_size"] == [128, 128]
+
+
+class _ChainBench:
+    """The chain's view of Bench: the real directory names and run settings, trainings
+    recorded (each link's report: the start's report plus a gain that halves per link)."""
+
+    run_dir = Bench.run_dir
+    run_sets = Bench.run_sets
+
+    def __init__(self, root: Path, kept: dict[tuple[str, str], dict]) -> None:
+        cfg = load_config(ROOT / "config.yaml")
+        self.out, self._kept, self.trained = root, kept, []
+        self.session, self.file_qat, self.overrides = SimpleNamespace(cfg=cfg), cfg.qat, []
+        self.weights = root / "float.pt"
+        self.reports = {}
+        self._lock = threading.Lock()
+
+    def kept(self, out, setting, run, seed, recipe):
+        return self._kept.get((out.parent.name, out.name))
+
+    def train(self, out, setting, run, seed, recipe, threads):
+        sets = self.run_sets(out, setting, run, seed, recipe)
+        model_path = load_config(ROOT / "config.yaml", sets).model_path
+        link = int(out.parent.name.rpartition("link")[2])
+        start = self.reports[Path(model_path).parent]
+        with self._lock:
+            self.trained.append((out.parent.name, out.name, model_path, threads))
+            self.reports[out] = start + 2.0 ** (1 - link)
+        return {"run": run, "seed": seed, "report": self.reports[out]}
+
+
+def test_the_w4a4_control_chain_starts_each_link_from_the_one_before(tmp_path):
+    from bench.float_plateau import chain, chain_summary, link_dir
+
+    bench = _ChainBench(tmp_path, kept={})
+    recipe = {"qat.epochs": 10, "qat.lr": 0.008, "user.train_images": 320,
+              "user.batch_size": 2, "user.crop_size": [128, 256]}
+    first = []
+    for seed, report in ((0, 76.0), (1, 77.0)):   # link 1: the benchmark's own controls
+        bench.reports[link_dir(bench, 1, seed, recipe)] = report
+        first.append({"report": report})
+    # link 2 of seed 1 is kept from an earlier run: not trained again, its figure is used
+    kept = link_dir(bench, 2, 1, recipe)
+    bench._kept[(kept.parent.name, kept.name)] = {"report": 77.5}
+    bench.reports[kept] = 77.5
+    links = chain(bench, first, [0, 1], links=3, jobs=2)
+    name = "control_10ep_b2_lr0.008_crop128x256_seed{}"
+    assert sorted(t[:3] for t in bench.trained) == [
+        ("w4a4_control_link2", name.format(0), str(tmp_path / name.format(0) / "last.pt")),
+        ("w4a4_control_link3", name.format(0),
+         str(tmp_path / "w4a4_control_link2" / name.format(0) / "last.pt")),
+        ("w4a4_control_link3", name.format(1),
+         str(tmp_path / "w4a4_control_link2" / name.format(1) / "last.pt"))]
+    assert {t[3] for t in bench.trained} == {max(1, (os.cpu_count() or 1) // 2)}
+    assert [[r["report"] for r in link] for link in links] == [[76.0, 77.0], [76.5, 77.5],
+                                                              [76.75, 77.75]]
+    rows = chain_summary(75.0, links)
+    assert [r["link"] for r in rows] == [1, 2, 3]
+    assert [r["gain_over_previous"] for r in rows] == pytest.approx([1.5, 0.5, 0.25])
+    assert [r["met"] for r in rows] == [False, False, True]
+    assert rows[0]["std"] == pytest.approx(0.5 ** 0.5)
