@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from bench import save_result
-from bench.qat_modes import BATCH, EPOCHS, LR, SCENES, Bench, mode_recipes, run_recipe
+from bench.qat_modes import (BATCH, EPOCHS, LR, SCENES, Bench, mode_recipes, run_recipe,
+                              threads_per_job)
 from bench.qat_modes import main as qat_modes_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +90,7 @@ def chain(bench: Any, first: list[dict[str, Any]], seeds: list[int], links: int,
     lr = {s: LR.get(s, bench.session.cfg.qat.lr) for s in EPOCHS}
     recipe = run_recipe(setting, run, EPOCHS, BATCH, lr, SCENES, {},
                         mode_recipes(EPOCHS, []))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads_per_job(jobs)
     done = [first]
     for link in range(2, links + 1):
         def one(seed: int, link: int = link) -> dict[str, Any]:

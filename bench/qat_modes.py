@@ -470,7 +470,7 @@ def run_all(bench: Bench, settings: list[str], run_names: list[str], seeds: list
     by several settings (the control) trains once. ``calibration``: the config keys of each
     setting's PTQ choice, which its quantized runs add to their recipe; ``recipes``: what each
     mode's runs of a setting add to theirs (``mode_recipes``)."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads_per_job(jobs)
     cells, todo, results = [], {}, {}
     for setting in settings:
         for seed in seeds:
@@ -502,6 +502,11 @@ def run_all(bench: Bench, settings: list[str], run_names: list[str], seeds: list
     for setting, run, out in cells:
         runs[setting][run].append(results[out])
     return runs
+
+
+def threads_per_job(jobs: int) -> int:
+    """Torch threads for each of ``jobs`` trainings sharing this machine's cores."""
+    return max(1, (os.cpu_count() or 1) // jobs)
 
 
 def run_recipe(setting: str, run: str, epochs: dict[str, int], batch: dict[str, int],
