@@ -1,11 +1,17 @@
 """Every benchmark in one command, and one file holding their figures and goals.
 
-    python -m bench [--weights runs/float/best.pt] [--only NAME ...] [--collect-only]
+    python -m bench [--weights runs/float/best.pt] [--plateau-links 8] [--only NAME ...]
+                    [--collect-only]
 
 Runs each benchmark module (each also runs alone: ``python -m bench.NAME --help``), then gathers
 their JSON files into bench/results.json with the machine, the versions, the command behind
 each figure and its goal. Without --weights the float PIDNet-S of ``make demo`` is used, or
-trained first (runs/float/best.pt). --collect-only only rebuilds bench/results.json.
+trained first (runs/float/best.pt). The benchmarks measure quantization against a float model
+at its plateau, which ``make demo``'s is not at the W4A4 fine-tune: first ``bench.float_plateau
+--links`` trains it on (``--plateau-links`` rounds at most, seeds 0 and 1, in
+runs/bench_chain), and every benchmark then starts from the chain's plateau model;
+``--plateau-links 0`` takes --weights as they are. --collect-only only rebuilds
+bench/results.json.
 """
 from __future__ import annotations
 
@@ -162,19 +168,28 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None,
                         choices=["calib_speed", "float_plateau", "qat_modes", "ptq_steps",
                                  "sensitivity_cost", "export_speed", "any_model_speed"])
+    parser.add_argument("--plateau-links", type=int, default=8,
+                        help="W4A4 control rounds at most to bring --weights to their plateau "
+                             "first (module docstring); 0: use --weights as they are")
     parser.add_argument("--collect-only", action="store_true")
     args = parser.parse_args()
+    if args.plateau_links < 0:
+        parser.error(f"--plateau-links takes N >= 0, got {args.plateau_links}")
     if not args.collect_only:
         if not Path(args.weights).exists():
             subprocess.run([sys.executable, "qat_train.py", "--mode", "float", "--config",
                             "config.yaml", "--set", "output_dir=runs/float", "--resume"],
                            cwd=ROOT, check=True)
-        runs = {"calib_speed": ["--weights", args.weights],
-                "float_plateau": ["--weights", args.weights],
-                "qat_modes": ["--float-weights", args.weights],
-                "ptq_steps": ["--weights", args.weights],
-                "sensitivity_cost": ["--weights", args.weights],
-                "export_speed": ["--weights", args.weights],
+        weights = args.weights
+        if args.plateau_links:
+            weights = plateau_model(args.weights, args.plateau_links)
+        runs = {"calib_speed": ["--weights", weights],
+                "float_plateau": ["--weights", weights],
+                "qat_modes": ["--float-weights", weights],
+                "ptq_steps": ["--weights", weights],
+                "sensitivity_cost": ["--weights", weights],
+                "export_speed": ["--weights", weights,
+                                 "--qat", "runs/bench_qat/w8a8/stats_seed0/last.pt"],
                 "any_model_speed": []}
         for name, extra in runs.items():
             if args.only is None or name in args.only:
@@ -185,6 +200,22 @@ def main() -> None:
     (ROOT / "bench" / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     print(markdown(result))
     print(ROOT / "bench" / "results.json")
+
+
+def plateau_model(weights: str, links: int,
+                  chain: Path = RESULTS / "float_plateau_chain.json") -> str:
+    """The float model at the W4A4 fine-tune's plateau, trained on from ``weights`` by
+    ``bench.float_plateau --links`` (finished links are kept; its figures in ``chain``); exits
+    when no link of ``links`` reaches it."""
+    print("== bench.float_plateau (the chain to the plateau)", flush=True)
+    subprocess.run([sys.executable, "-m", "bench.float_plateau", "--weights", weights,
+                    "--out-dir", "runs/bench_chain", "--seeds", "0", "1", "--links", str(links),
+                    "--json", str(chain)], cwd=ROOT, check=True)
+    found = json.loads(chain.read_text()).get("w4a4_plateau")
+    if found is None:
+        sys.exit(f"bench: the W4A4 control still gains more than 0.3 after {links} rounds from "
+                 f"{weights}; raise --plateau-links ({chain})")
+    return found["model"]
 
 
 def markdown(result: dict[str, Any]) -> str:

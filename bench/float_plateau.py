@@ -61,7 +61,7 @@ def main() -> None:
     controls = {row["setting"]: row for row in table["rows"] if row["run"] == "control"}
     gains = {s: row["mean"] - float_value for s, row in controls.items()}
     result = {
-        "command": f"python -m bench.float_plateau --weights {args.weights} "
+        "command": f"python -m bench.float_plateau --weights {args.weights} --out-dir {out} "
                    f"--seeds {' '.join(map(str, args.seeds))}"
                    + (f" --links {args.links}" if args.links > 1 else ""),
         "weights": args.weights, "metric": summary["metric"], "split": split,
@@ -77,7 +77,8 @@ def main() -> None:
         bench = Bench(Path(args.config), Path(args.weights), out, [])
         links = chain(bench, table["runs"]["w4a4"]["control"], args.seeds, args.links,
                       args.jobs)
-        result["w4a4_chain"] = chain_summary(float_value, links)
+        result["w4a4_chain"] = rows = chain_summary(float_value, links)
+        result["w4a4_plateau"] = plateau(bench, rows, args.weights, args.seeds[0])
     save_result(result, args.json)
 
 
@@ -87,9 +88,7 @@ def chain(bench: Any, first: list[dict[str, Any]], seeds: list[int], links: int,
     one per seed, in ``bench.out``) and links 2 to ``links``, each seed trained from its
     previous link's ``last.pt``, ``jobs`` at a time; finished links are kept."""
     setting, run = "w4a4", "control"
-    lr = {s: LR.get(s, bench.session.cfg.qat.lr) for s in EPOCHS}
-    recipe = run_recipe(setting, run, EPOCHS, BATCH, lr, SCENES, {},
-                        mode_recipes(EPOCHS, []))
+    recipe = control_recipe(bench)
     threads = threads_per_job(jobs)
     done = [first]
     for link in range(2, links + 1):
@@ -102,6 +101,12 @@ def chain(bench: Any, first: list[dict[str, Any]], seeds: list[int], links: int,
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             done.append(list(pool.map(one, seeds)))
     return done
+
+
+def control_recipe(bench: Any) -> dict[str, Any]:
+    """The W4A4 control's recipe, as the benchmark runs it."""
+    lr = {s: LR.get(s, bench.session.cfg.qat.lr) for s in EPOCHS}
+    return run_recipe("w4a4", "control", EPOCHS, BATCH, lr, SCENES, {}, mode_recipes(EPOCHS, []))
 
 
 def link_dir(bench: Any, link: int, seed: int, recipe: dict[str, Any]) -> Path:
@@ -123,6 +128,19 @@ def chain_summary(float_value: float, links: list[list[dict[str, Any]]]) -> list
                      "met": mean - before <= GAIN_AT_MOST})
         before = mean
     return rows
+
+
+def plateau(bench: Any, rows: list[dict[str, Any]], weights: str, seed: int
+            ) -> dict[str, Any] | None:
+    """The chain's float model at the W4A4 recipe's plateau: the link (0: the float model
+    itself) that the next link improves by at most 0.3, and ``seed``'s weights of it; None
+    while every link still gains more."""
+    link = next((row["link"] - 1 for row in rows if row["met"]), None)
+    if link is None:
+        return None
+    model = (weights if link == 0
+             else str(link_dir(bench, link, seed, control_recipe(bench)) / "last.pt"))
+    return {"link": link, "seed": seed, "model": model}
 
 
 if __name__ == "__main__":

@@ -272,7 +272,7 @@ class _ChainBench:
 
 
 def test_the_w4a4_control_chain_starts_each_link_from_the_one_before(tmp_path):
-    from bench.float_plateau import chain, chain_summary, link_dir
+    from bench.float_plateau import chain, chain_summary, link_dir, plateau
 
     bench = _ChainBench(tmp_path, kept={})
     recipe = {"qat.epochs": 10, "qat.lr": 0.008, "user.train_images": 320,
@@ -301,3 +301,34 @@ def test_the_w4a4_control_chain_starts_each_link_from_the_one_before(tmp_path):
     assert [r["gain_over_previous"] for r in rows] == pytest.approx([1.5, 0.5, 0.25])
     assert [r["met"] for r in rows] == [False, False, True]
     assert rows[0]["std"] == pytest.approx(0.5 ** 0.5)
+    # link 3 gains at most 0.3 over link 2: link 2 is the plateau, seed 0's weights its model
+    assert plateau(bench, rows, "float.pt", 0) == {
+        "link": 2, "seed": 0,
+        "model": str(tmp_path / "w4a4_control_link2" / name.format(0) / "last.pt")}
+    assert plateau(bench, rows[:2], "float.pt", 0) is None
+    rows[0]["met"] = True   # a float model the first control gains nothing over is its own
+    assert plateau(bench, rows, "float.pt", 1)["model"] == "float.pt"
+
+
+def test_make_bench_starts_every_benchmark_from_the_chains_plateau_model(tmp_path, monkeypatch):
+    import json
+    import subprocess
+
+    import bench.__main__ as bench_main
+
+    chain = tmp_path / "chain.json"
+    commands = []
+
+    def fake_run(cmd, cwd, check):
+        commands.append(cmd)
+        chain.write_text(json.dumps({"w4a4_plateau": plateau}))
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    plateau = {"link": 7, "seed": 0, "model": "runs/bench_chain/link7/last.pt"}
+    assert bench_main.plateau_model("runs/float/best.pt", 8, chain) == plateau["model"]
+    assert commands[0][1:] == ["-m", "bench.float_plateau", "--weights", "runs/float/best.pt",
+                               "--out-dir", "runs/bench_chain", "--seeds", "0", "1",
+                               "--links", "8", "--json", str(chain)]
+    plateau = None   # every round still gains more than 0.3: no figure on a model short of it
+    with pytest.raises(SystemExit, match="raise --plateau-links"):
+        bench_main.plateau_model("runs/float/best.pt", 3, chain)
