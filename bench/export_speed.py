@@ -3,10 +3,11 @@ and against onnxruntime's own static quantization of the same float graph, in on
 
     python -m bench.export_speed --weights runs/float/best.pt [--qat runs/qat_ort/best.pt]
 
-1. calibrate.py (entropy) with export.target=onnxruntime and with tensorrt on the config's
-   scenes, then export_onnx.py for each twice: at the size the model was trained and
-   validated at (argmax agreement with PyTorch's fake-quant model and the metric, on 64 val
-   scenes: the accuracy figures) and at the deployed ``--size`` (the speed figures).
+1. calibrate.py (the config's methods, the best on val kept, as a user runs it) with
+   export.target=onnxruntime and with tensorrt on the config's scenes, then export_onnx.py
+   for each twice: at the size the model was trained and validated at (argmax agreement
+   with PyTorch's fake-quant model and the metric, on 64 val scenes: the accuracy figures)
+   and at the deployed ``--size`` (the speed figures).
    With --qat, a QAT checkpoint (export.target=onnxruntime) is exported the same way.
 2. onnxruntime's peer: quant_pre_process on the deployed-size float.onnx, then quantize_static
    (QDQ, per-channel int8 weights, uint8 activations, MinMax over calibration scenes); and the
@@ -107,7 +108,7 @@ def main() -> None:
     for target in ("onnxruntime", "tensorrt"):
         cal = out / f"calibrate_{target}"
         assert calibrate_main(["--config", args.config, "--force", "--set",
-                               f"model_path={args.weights}", "--set", "calib.methods=[entropy]",
+                               f"model_path={args.weights}",
                                "--set", f"export.target={target}",
                                "--set", f"output_dir={cal}"]) == 0
         checkpoints[f"ptq_{target}"] = (cal / "quantized.pt", target)
@@ -149,7 +150,7 @@ def main() -> None:
              for k in ("float", "ptq_onnxruntime", "onnxruntime_quantize_static")}
     ours = speed["ptq_onnxruntime"]
     result = {
-        "command": f"python -m bench.export_speed --weights {args.weights}"
+        "command": f"python -m bench.export_speed --weights {args.weights} --out-dir {args.out_dir}"
                    + (f" --qat {args.qat}" if args.qat else ""),
         "versions": versions(), "cpu_count": os.cpu_count(), "input": [1, 3, h, w],
         "latency": latency, "op_ms_per_run": op_ms,

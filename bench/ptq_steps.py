@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         goals["w8a8_per_tensor_within_0.3_of_per_channel"] = {
             split: row[split], "per_channel": reference, "margin": margin, "met": margin >= 0}
     print(json.dumps(goals, indent=2))
-    save_result({"command": "python -m bench.ptq_steps --weights " + args.weights
+    save_result({"command": f"python -m bench.ptq_steps --weights {args.weights} --out-dir {out}"
                  + "".join(f" --set {s}" for s in args.set),
                  "metric": bench.metric, "split": split, "float": float_fig,
                  "settings": results, "goals": goals,

@@ -106,12 +106,13 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out_dir)
     assert calibrate_main(["--config", args.config, "--force", "--set",
-                           f"model_path={args.weights}", "--set", "calib.methods=[entropy]",
+                           f"model_path={args.weights}",
                            "--set", f"output_dir={out / 'ptq'}"]) == 0
     checkpoint = out / "ptq" / "quantized.pt"
     torch.set_num_threads(2)
     result = {"versions": versions(), "cpu_count": os.cpu_count(),
-              "command": "python -m bench.sensitivity_cost --weights " + args.weights,
+              "command": f"python -m bench.sensitivity_cost --weights {args.weights} "
+                         f"--out-dir {out}",
               "sweep": sweep_ratio(Path(args.config), checkpoint, args.batches, args.repeats),
               "ranks": rank_scaling(Path(args.config), checkpoint, args.batches, out)}
     save_result(result, args.json)
