@@ -202,11 +202,12 @@ def main() -> None:
     print(ROOT / "bench" / "results.json")
 
 
-def plateau_model(weights: str, links: int,
-                  chain: Path = RESULTS / "float_plateau_chain.json") -> str:
+def plateau_model(weights: str, links: int, chain: Path | None = None) -> str:
     """The float model at the W4A4 fine-tune's plateau, trained on from ``weights`` by
-    ``bench.float_plateau --links`` (finished links are kept; its figures in ``chain``); exits
-    when no link of ``links`` reaches it."""
+    ``bench.float_plateau --links`` (finished links are kept; its figures in ``chain``,
+    bench/results/float_plateau_chain.json by default); exits when no link of ``links``
+    reaches it."""
+    chain = chain or RESULTS / "float_plateau_chain.json"
     print("== bench.float_plateau (the chain to the plateau)", flush=True)
     subprocess.run([sys.executable, "-m", "bench.float_plateau", "--weights", weights,
                     "--out-dir", "runs/bench_chain", "--seeds", "0", "1", "--links", str(links),

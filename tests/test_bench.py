@@ -321,7 +321,8 @@ def test_make_bench_starts_every_benchmark_from_the_chains_plateau_model(tmp_pat
 
     def fake_run(cmd, cwd, check):
         commands.append(cmd)
-        chain.write_text(json.dumps({"w4a4_plateau": plateau}))
+        if "--links" in cmd:
+            Path(cmd[cmd.index("--json") + 1]).write_text(json.dumps({"w4a4_plateau": plateau}))
 
     monkeypatch.setattr(subprocess, "run", fake_run)
     plateau = {"link": 7, "seed": 0, "model": "runs/bench_chain/link7/last.pt"}
@@ -329,6 +330,23 @@ def test_make_bench_starts_every_benchmark_from_the_chains_plateau_model(tmp_pat
     assert commands[0][1:] == ["-m", "bench.float_plateau", "--weights", "runs/float/best.pt",
                                "--out-dir", "runs/bench_chain", "--seeds", "0", "1",
                                "--links", "8", "--json", str(chain)]
+    # the whole command: every benchmark but the chain itself starts from the plateau model
+    monkeypatch.setattr(bench_main, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench_main, "ROOT", tmp_path)
+    monkeypatch.setattr(bench_main, "collect", lambda: {})
+    monkeypatch.setattr(bench_main, "markdown", lambda result: "")
+    (tmp_path / "bench").mkdir()
+    weights = tmp_path / "float.pt"
+    weights.write_bytes(b"")
+    commands.clear()
+    monkeypatch.setattr("sys.argv", ["bench", "--weights", str(weights)])
+    bench_main.main()
+    assert commands[0][commands[0].index("--weights") + 1] == str(weights)
+    started = {cmd[2]: cmd[cmd.index(flag) + 1] for cmd in commands[1:]
+               for flag in ("--weights", "--float-weights") if flag in cmd}
+    assert started == {name: plateau["model"] for name in (
+        "bench.calib_speed", "bench.float_plateau", "bench.qat_modes", "bench.ptq_steps",
+        "bench.sensitivity_cost", "bench.export_speed")}
     plateau = None   # every round still gains more than 0.3: no figure on a model short of it
     with pytest.raises(SystemExit, match="raise --plateau-links"):
         bench_main.plateau_model("runs/float/best.pt", 3, chain)
